@@ -1,0 +1,28 @@
+"""Rank importance (SPEC.md, Eq. 6-8), from the gradients the step already has.
+
+For rank j of one expert's module, with a_j row j of A and b_j column j of B:
+
+    s_j = || dL/da_j * a_j ||_1  x  || dL/db_j * b_j ||_1
+    g_j <- beta g_j + (1 - beta) s_j
+
+The module's importance is the mean of g_j over its active ranks (see
+``saliency.module_importance``). No extra backward pass: the trainer calls
+``update_importance`` inside the compiled step with the accumulated gradients.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def rank_scores(lora_a: mx.array, lora_b: mx.array, grad_a: mx.array, grad_b: mx.array) -> mx.array:
+    """s_j for every expert and rank: (E, r_max) from A (E, r, in) and B (E, out, r)."""
+    sa = mx.abs(grad_a * lora_a).astype(mx.float32).sum(axis=-1)
+    sb = mx.abs(grad_b * lora_b).astype(mx.float32).sum(axis=-2)
+    return sa * sb
+
+
+def update_importance(module, grad_a: mx.array, grad_b: mx.array, beta: float) -> None:
+    """One EMA step of the module's per-rank importance (Eq. 7)."""
+    scores = rank_scores(module.lora_a, module.lora_b, grad_a, grad_b)
+    module.importance = beta * module.importance + (1.0 - beta) * scores

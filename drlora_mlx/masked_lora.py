@@ -1,0 +1,115 @@
+"""Rank-masked LoRA for a bank of MoE experts (SPEC.md, Eq. 3 and 10).
+
+Each expert e of an mlx-lm ``SwitchLinear`` / ``QuantizedSwitchLinear`` gets
+A[e] (r_max x in), B[e] (out x r_max) and a prefix-shaped 0/1 rank mask:
+
+    y = W x + scale * B[e] (m[e] * (A[e] x))
+
+The attribute names match mlx-lm's ``LoRASwitchLinear`` (``linear``,
+``lora_a``, ``lora_b``), so parameter paths and adapter keys are mlx-lm's.
+Growing a rank changes mask values, never shapes, so a compiled training step
+is not retraced. ``width`` (a Python int) limits the LoRA product to the first
+``width`` ranks, for layers whose experts all use fewer than r_max.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+
+def prefix_mask(ranks, r_max: int) -> mx.array:
+    """The 0/1 float32 mask whose row i has its first ranks[i] entries set."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    return mx.array((np.arange(r_max) < ranks[..., None]).astype(np.float32))
+
+
+def dequantized_weight(linear) -> mx.array:
+    """The float weight of a (possibly quantized) linear or switch-linear layer."""
+    if "scales" not in linear:
+        return linear.weight
+    return mx.dequantize(
+        linear.weight,
+        linear.scales,
+        linear.get("biases"),
+        group_size=linear.group_size,
+        bits=linear.bits,
+        mode=linear.mode,
+    )
+
+
+class MaskedLoRASwitchLinear(nn.Module):
+    """LoRA on every expert of a switch layer, each with its own active rank."""
+
+    @staticmethod
+    def from_base(linear: nn.Module, r_max: int, rank: int, scale: float) -> "MaskedLoRASwitchLinear":
+        if not isinstance(linear, (SwitchLinear, QuantizedSwitchLinear)):
+            raise TypeError(f"expected a SwitchLinear or QuantizedSwitchLinear, got {type(linear).__name__}")
+        return MaskedLoRASwitchLinear(linear, r_max, rank, scale)
+
+    def __init__(self, linear: nn.Module, r_max: int, rank: int, scale: float):
+        super().__init__()
+        self.linear = linear
+        n_experts, out_dims, in_dims = linear.num_experts, linear.output_dims, linear.input_dims
+        bound = 1 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(n_experts, r_max, in_dims))
+        self.lora_b = mx.zeros((n_experts, out_dims, r_max))
+        self.rank_mask = prefix_mask(np.full(n_experts, rank), r_max)
+        # Per-rank EMA of the rank importance s_j (Eq. 7), updated by the trainer.
+        self.importance = mx.zeros((n_experts, r_max))
+        self.scale = scale
+        self.r_max = r_max
+        self.width = r_max
+        # Only A and B train; the base layer stays as the model had it.
+        self.freeze(keys=["rank_mask", "importance"], recurse=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_a.shape[0]
+
+    def ranks(self) -> np.ndarray:
+        """The active rank of every expert."""
+        return np.asarray(self.rank_mask.sum(axis=-1)).astype(np.int64)
+
+    def set_ranks(self, ranks) -> None:
+        """Activate the first ranks[e] ranks of every expert e."""
+        self.rank_mask = prefix_mask(ranks, self.r_max)
+
+    def __call__(self, x, indices, sorted_indices=False):
+        y = self.linear(x, indices, sorted_indices=sorted_indices)
+        a, b, mask = self.lora_a, self.lora_b, self.rank_mask
+        if self.width < self.r_max:
+            a, b, mask = a[:, : self.width], b[..., : self.width], mask[:, : self.width]
+        z = mx.gather_mm(x, a.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        z = z * mx.expand_dims(mask[indices], -2).astype(z.dtype)
+        z = mx.gather_mm(z, b.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        return y + (self.scale * z).astype(x.dtype)
+
+    def masked_factors(self) -> tuple[mx.array, mx.array]:
+        """(A, B) with inactive ranks zeroed: the adapter as mlx-lm's
+        ``LoRASwitchLinear`` at rank r_max would hold it."""
+        m = self.rank_mask
+        return self.lora_a * m[..., None], self.lora_b * m[:, None, :]
+
+    def delta(self) -> mx.array:
+        """scale * B A per expert: (E, out, in)."""
+        a, b = self.masked_factors()
+        return self.scale * (b @ a)
+
+    def fuse(self, dequantize: bool = True) -> nn.Module:
+        """The base layer with the update merged in, as a float ``SwitchLinear``
+        (or quantized again with the base's settings when ``dequantize`` is False)."""
+        linear = self.linear
+        weight = dequantized_weight(linear)
+        n_experts, out_dims, in_dims = weight.shape
+        fused = SwitchLinear(in_dims, out_dims, n_experts, bias="bias" in linear)
+        fused.weight = weight + self.delta().astype(weight.dtype)
+        if "bias" in linear:
+            fused.bias = linear.bias
+        if isinstance(linear, QuantizedSwitchLinear) and not dequantize:
+            fused = fused.to_quantized(group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
+        return fused
