@@ -1,0 +1,264 @@
+"""Tiny MoE checkpoints of every supported family, made deterministically.
+
+``build_tiny(family, path)`` writes a real checkpoint directory (config.json,
+model.safetensors in mlx-lm's layout, a byte-level BPE tokenizer with a ChatML
+template) that ``mlx_lm.load`` reads like any model from the Hub. Tests,
+scripts and the built-in default of ``drlora-mlx train`` use it; nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .families import FAMILIES
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BUILD_VERSION = 1  # bump when the recipe changes, so caches rebuild
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    """The sizes of a tiny model; every family maps them onto its own config keys."""
+
+    hidden: int = 64
+    layers: int = 2
+    experts: int = 8
+    top_k: int = 2
+    expert_dim: int = 32
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 384
+
+
+def _family_config(family: str, s: TinyShape) -> dict:
+    head_dim = s.hidden // s.heads
+    common = {
+        "model_type": family,
+        "hidden_size": s.hidden,
+        "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "num_experts_per_tok": s.top_k,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": s.vocab,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    }
+    mla = {  # DeepSeek's multi-head latent attention, scaled down
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_routed_experts": s.experts,
+        "moe_intermediate_size": s.expert_dim,
+        "intermediate_size": 2 * s.expert_dim,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1 if s.layers > 1 else 0,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "rope_scaling": {"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096},
+    }
+    per_family = {
+        "qwen3_moe": {
+            "num_experts": s.experts,
+            "moe_intermediate_size": s.expert_dim,
+            "intermediate_size": 2 * s.expert_dim,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "head_dim": head_dim,
+            "norm_topk_prob": True,
+        },
+        "qwen2_moe": {
+            "num_experts": s.experts,
+            "moe_intermediate_size": s.expert_dim,
+            "intermediate_size": 2 * s.expert_dim,
+            "shared_expert_intermediate_size": 2 * s.expert_dim,
+        },
+        "olmoe": {"num_experts": s.experts, "intermediate_size": s.expert_dim, "norm_topk_prob": False},
+        "mixtral": {"num_local_experts": s.experts, "intermediate_size": s.expert_dim},
+        "phimoe": {
+            "num_local_experts": s.experts,
+            "intermediate_size": s.expert_dim,
+            "rope_scaling": None,
+            "router_jitter_noise": 0.01,
+        },
+        "deepseek_v2": {**mla, "topk_method": "greedy", "routed_scaling_factor": 1.0},
+        "deepseek_v3": {
+            **mla,
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5,
+        },
+        "glm4_moe": {
+            "n_routed_experts": s.experts,
+            "moe_intermediate_size": s.expert_dim,
+            "intermediate_size": 2 * s.expert_dim,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1 if s.layers > 1 else 0,
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5,
+            "head_dim": head_dim,
+            "rope_scaling": None,
+            "use_qk_norm": True,
+            "attention_bias": False,
+            "partial_rotary_factor": 0.5,
+        },
+        "gpt_oss": {
+            "num_local_experts": s.experts,
+            "intermediate_size": s.expert_dim,
+            "head_dim": head_dim,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s.layers)],
+        },
+        "granitemoe": {
+            "num_local_experts": s.experts,
+            "intermediate_size": s.expert_dim,
+            "logits_scaling": 1.0,
+            "attention_multiplier": head_dim**-0.5,
+            "embedding_multiplier": 1.0,
+            "residual_multiplier": 1.0,
+            "attention_bias": False,
+            "tie_word_embeddings": True,
+        },
+    }
+    if family not in per_family:
+        raise ValueError(f"no tiny configuration for family {family!r}; choose from {', '.join(sorted(per_family))}")
+    return {**common, **per_family[family]}
+
+
+TINY_FAMILIES = tuple(sorted(FAMILIES))
+
+
+def _init_weights(model: nn.Module, seed: int) -> None:
+    """Deterministic weights: N(0, 1/fan_in) for matrices, the constructor's
+    values (norm scales, zero biases) for vectors."""
+    params = tree_flatten(model.parameters())
+    keys = mx.random.split(mx.random.key(seed), len(params))
+    new = []
+    for i, (name, p) in enumerate(params):
+        if p.ndim >= 2:
+            p = mx.random.normal(p.shape, key=keys[i]) * (p.shape[-1] ** -0.5)
+        new.append((name, p))
+    model.update(tree_unflatten(new))
+
+
+def build_tokenizer(texts, vocab_size: int, path: Path) -> None:
+    """Train a byte-level BPE on ``texts`` and save it as a Hugging Face tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+    fast.save_pretrained(str(path))
+
+
+def _corpus() -> list[str]:
+    from .data import bundled_texts
+
+    return bundled_texts()
+
+
+def build_tiny(
+    family: str,
+    path: str | os.PathLike,
+    shape: TinyShape = TinyShape(),
+    seed: int = 0,
+    quantize_bits: int | None = None,
+    group_size: int = 32,
+) -> Path:
+    """Write a tiny ``family`` checkpoint to ``path`` and return the path.
+
+    ``quantize_bits`` (4 or 8) quantizes it the way ``mlx_lm.convert -q`` does.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = _family_config(family, shape)
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    _init_weights(model, seed)
+    if quantize_bits is not None:
+        from mlx_lm.utils import quantize_model
+
+        model, config = quantize_model(model, config, group_size=group_size, bits=quantize_bits)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    if "quantization" in config:
+        config["quantization_config"] = config["quantization"]
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    build_tokenizer(_corpus(), shape.vocab, path)
+    return path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DRLORA_MLX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "drlora-mlx"
+    )
+    return Path(root)
+
+
+def tiny_model_path(
+    family: str = "qwen3_moe",
+    shape: TinyShape = TinyShape(),
+    seed: int = 0,
+    quantize_bits: int | None = None,
+) -> Path:
+    """The cached tiny checkpoint for these settings, built on first use."""
+    key = json.dumps(
+        {"v": BUILD_VERSION, "family": family, "shape": asdict(shape), "seed": seed, "q": quantize_bits},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = cache_dir() / f"tiny-{family}-{digest}"
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Build aside and rename, so an interrupted build never leaves a half model.
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    try:
+        build_tiny(family, tmp, shape, seed, quantize_bits)
+        os.replace(tmp, path)
+    except OSError:
+        if not (path / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
