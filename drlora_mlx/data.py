@@ -82,6 +82,11 @@ def load_split(path: Path, tokenizer, mask_prompt: bool):
             )
     if mask_prompt and fmt == "text":
         raise DataError(f"{path}: --mask-prompt needs completions or chat data, not plain text")
+    if fmt != "text" and getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            f"{path} holds {fmt} data, which is formatted with the tokenizer's chat template, "
+            'but this model\'s tokenizer has none; use {"text": ...} data'
+        )
     return CacheDataset(create_dataset(rows, tokenizer, SimpleNamespace(mask_prompt=mask_prompt)))
 
 
@@ -103,7 +108,13 @@ def load_datasets(data: str | Path, tokenizer, mask_prompt: bool = False, need_t
 def check_lengths(dataset, max_seq_length: int, name: str = "training") -> int:
     """How many examples exceed ``max_seq_length`` (they are truncated); an
     error if all of them do."""
-    lengths = [len(dataset[i][0]) for i in range(len(dataset))]
+    lengths = []
+    for i in range(len(dataset)):
+        try:
+            lengths.append(len(dataset[i][0]))
+        except Exception as e:  # the tokenizer's own message, on one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{name} example {i + 1} could not be tokenized: {first}") from None
     longer = sum(n > max_seq_length for n in lengths)
     if longer == len(lengths):
         raise DataError(

@@ -31,7 +31,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-BUILD_VERSION = 1  # bump when the recipe changes, so caches rebuild
+BUILD_VERSION = 2  # bump when the recipe changes, so caches rebuild
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ def _family_config(family: str, s: TinyShape) -> dict:
         "rope_theta": 10000.0,
         "max_position_embeddings": 4096,
         "tie_word_embeddings": False,
+        "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
     }
     mla = {  # DeepSeek's multi-head latent attention, scaled down
         "q_lora_rank": None,

@@ -1,0 +1,39 @@
+"""Loading base models: local paths or Hugging Face ids, through mlx-lm.
+
+Hub downloads go through huggingface-hub (mlx-lm's own loader), so
+``HF_HUB_OFFLINE=1`` and the Hub cache work as usual. Failures become one-line
+``ModelError`` messages that say what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message says why and what to do."""
+
+
+def load_base(model: str):
+    """(model, tokenizer) from a local folder or a Hugging Face id, via mlx_lm.load."""
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from mlx_lm import load
+
+    path = Path(model).expanduser()
+    if not path.exists():
+        if model.startswith((".", "/", "~")) or model.count("/") != 1:
+            raise ModelError(f"model {model!r} does not exist: give a local model folder or a Hugging Face id (org/name)")
+    elif not (path / "config.json").exists():
+        raise ModelError(f"{path} has no config.json: give a model folder in the Hugging Face / mlx-lm layout")
+    try:
+        return load(str(path) if path.exists() else model)
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "download it first or unset HF_HUB_OFFLINE"
+        ) from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise ModelError(f"model {model!r} is neither a local folder nor a Hugging Face repository") from None
+    except Exception as e:  # a broken or unsupported checkpoint: say so in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"model {model!r} could not be loaded: {first}") from None

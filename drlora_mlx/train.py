@@ -1,0 +1,137 @@
+"""One training run, start to finish: model, data, adapter, loop, outputs.
+
+``run(args, config)`` is what ``drlora-mlx train`` does; the CLI only parses.
+Without ``args.model`` it trains the built-in tiny MoE (made and cached on
+first use) on the bundled tasks, offline, with a preset fit for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .adapters import save_adapter
+from .attach import attach
+from .config import DRLoRAConfig
+from .data import bundled_data_dir, check_lengths, load_datasets
+from .modelio import load_base
+from .progress import MetricsLog, Progress, format_time, rank_heatmap
+from .tiny import TinyShape, tiny_model_path
+from .trainer import Trainer, TrainingArgs, TrainResult
+
+BUILTIN_FAMILY = "qwen3_moe"
+BUILTIN_SHAPE = TinyShape(hidden=128, layers=4, experts=16, top_k=4, expert_dim=64, heads=4, kv_heads=2, vocab=512)
+# Training settings for the built-in tiny model (random weights, small data);
+# they apply only where neither the command line nor the config file says otherwise.
+BUILTIN_PRESET = {
+    "iters": 200,
+    "batch_size": 8,
+    "learning_rate": 2e-3,
+    "steps_per_eval": 50,
+    "val_batches": 10,
+    "save_every": 100,
+    "mask_prompt": True,
+}
+
+
+def builtin_model() -> str:
+    """The path of the built-in tiny MoE checkpoint (built on first use)."""
+    return str(tiny_model_path(BUILTIN_FAMILY, BUILTIN_SHAPE))
+
+
+def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None) -> TrainResult:
+    """Train, save the adapter to ``args.adapter_path`` and print a summary."""
+    rank = world.rank() if world is not None else 0
+    out = out or (lambda line: print(line, flush=True))
+    say = out if rank == 0 else (lambda line: None)
+    model_name = args.model or builtin_model()
+    if args.model is None:
+        say(f"No --model given: training the built-in tiny {BUILTIN_FAMILY} ({model_name})")
+    data = args.data or str(bundled_data_dir())
+    if args.data is None:
+        say(f"No --data given: using the bundled tasks ({data})")
+
+    model, tokenizer = load_base(model_name)
+    mx.random.seed(args.seed)
+    drlora = attach(model, config, seed=args.seed)
+    train_set, valid_set, test_set = load_datasets(data, tokenizer, args.mask_prompt, need_test=args.test)
+    truncated = check_lengths(train_set, args.max_seq_length)
+    if truncated:
+        say(f"warning: {truncated} training examples are longer than --max-seq-length {args.max_seq_length} and will be truncated")
+    say(drlora.report())
+    trainer = Trainer(
+        model,
+        drlora,
+        args,
+        progress=Progress(args.iters, enabled=rank == 0),
+        metrics=None,
+        world=world,
+    )
+    schedule = trainer.schedule
+    if config.method == "drlora":
+        say(
+            f"growth: {schedule.n_events} events every {schedule.grow_every} optimizer steps from step "
+            f"{schedule.warmup_steps} to {schedule.end_step}, {schedule.quota} ranks per layer per event, "
+            f"budget {schedule.budget} per layer (exhausted at step {schedule.budget_exhausted_step()})"
+        )
+    adapter_path = Path(args.adapter_path)
+    if rank == 0:
+        adapter_path.mkdir(parents=True, exist_ok=True)
+        (adapter_path / "metrics.jsonl").unlink(missing_ok=True)
+    trainer.metrics = MetricsLog(adapter_path / "metrics.jsonl", enabled=rank == 0)
+    extra = {"drlora_training": {**vars(args), "model": model_name, "data": data}}
+
+    def on_save(it: int) -> None:
+        if rank == 0:
+            save_adapter(drlora, adapter_path, model_name, extra=extra)
+
+    result = trainer.run(train_set, valid_set, on_save=on_save)
+    trainer.progress.close()
+    if args.test:
+        result.test_loss = trainer.evaluate(test_set, args.test_batches)
+        say(f"test loss {result.test_loss:.3f}, perplexity {np.exp(result.test_loss):.3f}")
+        trainer.metrics.write({"kind": "test", "step": args.iters, "test_loss": result.test_loss})
+    if rank == 0:
+        written = save_adapter(drlora, adapter_path, model_name, extra=extra)
+        say(summary(drlora, result, args))
+        say(f"saved the adapter to {adapter_path}/ (mlx-lm format: adapters.safetensors + adapter_config.json)")
+        if written["router_trained"]:
+            if written["router_in_mlx_lm_adapter"]:
+                say("the trained router is in adapters.safetensors (as an exact LoRA) and in router.safetensors")
+            else:
+                say(
+                    "note: the trained router is in router.safetensors only: mlx-lm's adapter format cannot carry "
+                    "it for this model, so mlx_lm.load(adapter_path=...) gives the untrained router; "
+                    "drlora_mlx.load() applies it"
+                )
+    return result
+
+
+def summary(drlora, result: TrainResult, args: TrainingArgs) -> str:
+    """The end-of-run summary: rank heatmap and a table of what was reached."""
+    r_init, r_target, r_max = drlora.config.ranks
+    ranks = drlora.ranks()
+    counts = drlora.parameter_counts()
+    last = [loss for _, loss in result.losses[-max(1, args.steps_per_report):]]
+    lines = [
+        rank_heatmap(ranks, drlora.targets, drlora.n_experts, r_init, r_max, [l.index for l in drlora.layers]),
+        "",
+        f"  {'train loss (last report)':<28}{np.mean(last):.3f}",
+    ]
+    if result.val_losses:
+        lines.append(f"  {'valid loss':<28}{result.val_losses[-1][1]:.3f}")
+    if result.test_loss is not None:
+        lines.append(f"  {'test loss':<28}{result.test_loss:.3f}")
+    lines += [
+        f"  {'time':<28}{format_time(result.seconds)} ({result.tokens / max(result.seconds, 1e-9):,.0f} tok/s)",
+        f"  {'peak memory':<28}{result.peak_memory_gb:.2f} GB",
+        f"  {'mean active rank':<28}{ranks.mean():.2f} (per layer: {', '.join(f'{r:.2f}' for r in ranks.mean(1))})",
+        f"  {'growth events':<28}{len(result.events)}",
+        f"  {'active expert LoRA params':<28}{counts['expert_lora_active']:,} "
+        f"(uniform LoRA at r_target {r_target}: {counts['expert_lora_uniform_r_target']:,}; "
+        f"allocated at r_max: {counts['expert_lora_allocated']:,})",
+        f"  {'trainable parameters':<28}{counts['trainable']:,}",
+    ]
+    return "\n".join(lines)

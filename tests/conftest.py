@@ -1,0 +1,32 @@
+import os
+
+import pytest
+
+# Before anything imports huggingface_hub, which reads it once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_and_isolated(tmp_path_factory):
+    """Tests never download anything and never touch the user's model cache."""
+    os.environ["DRLORA_MLX_CACHE"] = str(tmp_path_factory.mktemp("drlora-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """tiny_models(family, shape=..., quantize_bits=...) -> checkpoint path, built once per session."""
+    from drlora_mlx.tiny import TinyShape, build_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    built = {}
+
+    def get(family, shape=None, quantize_bits=None, seed=0):
+        shape = shape or TinyShape()
+        key = (family, shape, quantize_bits, seed)
+        if key not in built:
+            built[key] = build_tiny(family, root / f"{family}-{len(built)}", shape=shape, seed=seed,
+                                    quantize_bits=quantize_bits)
+        return built[key]
+
+    return get

@@ -1,0 +1,56 @@
+"""Shared pieces of the model-level tests."""
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm import load as mlx_lm_load
+
+from drlora_mlx.attach import attach
+from drlora_mlx.config import DRLoRAConfig
+from drlora_mlx.tiny import TinyShape
+
+# Three decoder layers, so DeepSeek-style models (first layer dense) keep two MoE layers.
+SHAPE = TinyShape(layers=3)
+
+
+def padded_batch(vocab: int, seed: int = 0, rows: int = 3, width: int = 17, prompt: bool = True):
+    """Token rows of different lengths padded with zeros, and their (offset, length)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(width // 2, width + 1, size=rows)
+    lengths[0] = width
+    tokens = np.zeros((rows, width), np.int32)
+    offsets = []
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.integers(3, vocab, size=n)
+        offsets.append(int(rng.integers(1, n // 2)) if prompt else 0)
+    return mx.array(tokens), mx.array(np.stack([offsets, lengths], axis=1).astype(np.int32))
+
+
+def loss_token_mask(lengths, width: int) -> np.ndarray:
+    """The loss-token mask over input positions, recomputed in numpy."""
+    lengths = np.asarray(lengths)
+    pos = np.arange(1, width)[None, :]
+    return (pos >= lengths[:, :1]) & (pos <= lengths[:, 1:])
+
+
+def attached(tiny_models, family: str, shape=SHAPE, quantize_bits=None, seed: int = 0, **config):
+    """(model, tokenizer, drlora) for a freshly loaded tiny checkpoint."""
+    model, tokenizer = mlx_lm_load(str(tiny_models(family, shape=shape, quantize_bits=quantize_bits)))
+    drlora = attach(model, DRLoRAConfig(**config), seed=seed)
+    return model, tokenizer, drlora
+
+
+def randomize_b(drlora, seed: int = 0, std: float = 0.05):
+    """Give every active rank a non-zero B (as after some training)."""
+    key = mx.random.key(seed)
+    for i, (_, m) in enumerate(drlora.expert_modules()):
+        b = mx.random.normal(m.lora_b.shape, key=mx.random.split(key, 1000)[i]) * std
+        m.lora_b = b * m.rank_mask[:, None, :]
+    mx.eval([m.lora_b for _, m in drlora.expert_modules()])
+
+
+def heterogeneous_ranks(drlora, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    r_init, _, r_max = drlora.config.ranks
+    ranks = rng.integers(r_init, r_max + 1, size=(drlora.n_layers, drlora.n_modules))
+    drlora.set_ranks(ranks)
+    return ranks

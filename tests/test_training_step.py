@@ -1,0 +1,145 @@
+"""The compiled training step: importance, frequency, masked ranks, traces."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from drlora_mlx.trainer import Trainer, TrainingArgs, make_loss
+
+from .helpers import attached, heterogeneous_ranks, padded_batch, randomize_b
+from .test_routing import reference_sums
+
+
+def _trainer(model, drlora, **kw):
+    args = dict(iters=40, batch_size=3, learning_rate=1e-2, steps_per_report=1000, steps_per_eval=1000)
+    args.update(kw)
+    return Trainer(model, drlora, TrainingArgs(**args))
+
+
+def _np(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_importance_and_frequency_equal_float64_recomputation(tiny_models, family):
+    beta = 0.8
+    model, _, drlora = attached(tiny_models, family, ema_beta=beta, train_router="never")
+    heterogeneous_ranks(drlora, seed=1)
+    randomize_b(drlora, seed=1)
+    trainer = _trainer(model, drlora, grad_accumulation_steps=2)
+    batches = [padded_batch(384, seed=s) for s in (10, 11)]
+    loss_and_grad = nn.value_and_grad(model, make_loss(drlora))
+    grads, routing, tokens = [], [], 0
+    for b, l in batches:
+        (_, n, sums), g = loss_and_grad(model, b, l)
+        grads.append(dict(tree_flatten(g)))
+        routing.append(_np(sums))
+        tokens += int(n.item())
+    params = {path: (_np(m.lora_a), _np(m.lora_b)) for path, m in drlora.expert_modules()}
+    masks = {path: _np(m.rank_mask) for path, m in drlora.expert_modules()}
+
+    for b, l in batches:
+        trainer.train_step(b, l)
+
+    for path, m in drlora.expert_modules():
+        a, bb = params[path]
+        ga = (_np(grads[0][f"{path}.lora_a"]) + _np(grads[1][f"{path}.lora_a"])) / 2
+        gb = (_np(grads[0][f"{path}.lora_b"]) + _np(grads[1][f"{path}.lora_b"])) / 2
+        s = np.abs(ga * a).sum(-1) * np.abs(gb * bb).sum(-2)
+        want = (1 - beta) * s
+        assert np.allclose(_np(m.importance), want, rtol=1e-4, atol=1e-12)
+        assert (want[masks[path] == 0] == 0).all()
+        assert want.max() > 0
+    frequency = (routing[0] + routing[1]) / tokens  # first observation initialises f
+    assert np.allclose(_np(drlora.state.frequency), frequency, rtol=1e-5, atol=1e-7)
+
+
+def test_frequency_is_an_ema_after_the_first_step(tiny_models):
+    beta = 0.9
+    model, _, drlora = attached(tiny_models, "mixtral", ema_beta=beta, train_router="never")
+    trainer = _trainer(model, drlora)
+    expected = None
+    for seed in (20, 21, 22):
+        b, l = padded_batch(384, seed=seed)
+        sums, n = reference_sums(model, drlora, b, l, "weight")
+        w = sums / n
+        expected = w if expected is None else beta * expected + (1 - beta) * w
+        trainer.train_step(b, l)
+    assert np.allclose(_np(drlora.state.frequency), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_optimizer_never_changes_a_masked_rank(tiny_models, weight_decay):
+    model, _, drlora = attached(tiny_models, "qwen3_moe", train_router="never")
+    heterogeneous_ranks(drlora, seed=2)
+    before = {p: (_np(m.lora_a), _np(m.lora_b), _np(m.rank_mask)) for p, m in drlora.expert_modules()}
+    trainer = _trainer(model, drlora, weight_decay=weight_decay, iters=1000)  # no growth within 5 steps
+    for seed in range(5):
+        trainer.train_step(*padded_batch(384, seed=seed))
+    changed_active = 0.0
+    for path, m in drlora.expert_modules():
+        a0, b0, mask = before[path]
+        a1, b1 = _np(m.lora_a), _np(m.lora_b)
+        inactive = mask == 0
+        assert np.array_equal(a1[inactive], a0[inactive])
+        assert np.array_equal(b1.transpose(0, 2, 1)[inactive], b0.transpose(0, 2, 1)[inactive])
+        changed_active += np.abs(b1 - b0).sum()
+    assert changed_active > 0
+
+
+def test_activating_ranks_keeps_logits_bit_identical(tiny_models):
+    model, _, drlora = attached(tiny_models, "olmoe", train_router="never")
+    trainer = _trainer(model, drlora, iters=1000)
+    for seed in range(4):
+        trainer.train_step(*padded_batch(384, seed=seed))
+    x = padded_batch(384, seed=99)[0]
+    before = model(x)
+    ranks = drlora.ranks()
+    drlora.set_ranks(np.minimum(ranks + np.arange(ranks.size).reshape(ranks.shape) % 7, drlora.r_max))
+    assert (drlora.ranks() > ranks).any()
+    assert mx.array_equal(model(x), before)
+
+
+def test_trainable_parameters_are_the_adapters_and_the_router_when_on(tiny_models):
+    model, _, drlora = attached(tiny_models, "deepseek_v3", train_router="after-warmup")
+    names = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    assert names and all(k.endswith(("lora_a", "lora_b")) for k in names)
+    assert len(names) == 2 * len(list(drlora.expert_modules()))
+    drlora.set_router_trainable(True)
+    names = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    routers = {k for k in names if ".gate." in k}
+    assert routers == {f"{layer.path}.gate.weight" for layer in drlora.layers}  # not the correction bias
+
+
+class _FixedLength:
+    """Examples of one length, so every batch has one shape."""
+
+    def __init__(self, n=24, length=20, vocab=384, seed=0):
+        rng = np.random.default_rng(seed)
+        self.rows = [(list(rng.integers(3, vocab, size=length)), 0) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+@pytest.mark.parametrize("train_router,traces", [("never", 1), ("always", 1), ("after-warmup", 2)])
+def test_growth_events_do_not_retrace(tiny_models, train_router, traces):
+    model, _, drlora = attached(tiny_models, "qwen3_moe", train_router=train_router)
+    trainer = _trainer(model, drlora, iters=40, batch_size=4)
+    result = trainer.run(_FixedLength())
+    assert len(result.events) >= 10
+    assert result.traces == traces
+    assert drlora.ranks().mean() == drlora.config.r_target
+
+
+def test_gradient_accumulation_traces_are_bounded(tiny_models):
+    model, _, drlora = attached(tiny_models, "qwen3_moe", train_router="never")
+    trainer = _trainer(model, drlora, iters=40, batch_size=4, grad_accumulation_steps=4)
+    result = trainer.run(_FixedLength())
+    assert len(result.events) >= 3
+    assert result.traces == 3  # first micro-batch, later micro-batches, the update
