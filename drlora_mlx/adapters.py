@@ -223,6 +223,7 @@ def load_into(model: nn.Module, adapter_path: str | os.PathLike) -> DRLoRA:
         r = lora.lora_a.shape[1]
         lora.lora_a = weights[f"{path}.lora_a"][:, :r]
         lora.lora_b = weights[f"{path}.lora_b"][:r]
+    drlora.fit_width()
     drlora.state.frequency = state["routing.frequency"]
     drlora.state.seen = state["routing.seen"]
     router_file = adapter_path / ROUTER_WEIGHTS

@@ -162,6 +162,7 @@ class DRLoRA:
         self.notes: list[str] = []
         self.state: RoutingState | None = None
         self.recorder: RoutingRecorder | None = None
+        self.width = config.ranks[2]  # computed width of the expert LoRA product
 
     # ----- shape of the adapter -------------------------------------------------
 
@@ -211,6 +212,27 @@ class DRLoRA:
         for l, layer in enumerate(self.layers):
             for p, module in enumerate(layer.modules):
                 module.set_ranks(ranks[l, p * E : (p + 1) * E])
+        self.fit_width(int(ranks.max()))
+
+    def fit_width(self, max_rank: int | None = None) -> int:
+        """Narrow the LoRA product of every expert module to the smallest
+        r_init * 2^k (at most r_max) that covers ``max_rank`` (default: the
+        largest active rank), so early steps pay only for the ranks in use
+        while the number of distinct compiled shapes stays at most
+        ceil(log2(r_max / r_init)) + 1. Returns the width."""
+        r_init, _, r_max = self.config.ranks
+        if max_rank is None:
+            max_rank = int(self.ranks().max())
+        width = r_max
+        if self.config.active_width:
+            width = max(r_init, 1)
+            while width < max_rank:
+                width *= 2
+            width = min(width, r_max)
+        for _, module in self.expert_modules():
+            module.width = width
+        self.width = width
+        return width
 
     def rank_importance(self) -> np.ndarray:
         """Per-rank importance EMAs: (layers, modules, r_max)."""
@@ -411,6 +433,7 @@ def attach(model: nn.Module, config: DRLoRAConfig | None = None, seed: int | Non
         observe(layer.router, drlora.recorder, site, "router")
     drlora.state = RoutingState(drlora.n_layers, drlora.n_experts)
     drlora.set_router_trainable(config.train_router == "always")
+    drlora.fit_width(r_init)
     mx.eval(model.parameters())
     return drlora
 

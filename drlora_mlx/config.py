@@ -49,6 +49,7 @@ class DRLoRAConfig:
     allocation: str = field(default="per-layer", metadata=_help("Rank budget per layer (the paper) or pooled over layers (ablation).", choices=ALLOCATIONS))
     shared_expert_rank: int = field(default=0, metadata=_help("Fixed LoRA rank for shared experts, outside the growth pool (0: not adapted)."))
     attention_rank: int = field(default=0, metadata=_help("Fixed LoRA rank for the attention projections (0: not adapted)."))
+    active_width: bool = field(default=True, metadata=_help("Compute the expert LoRA at the smallest r_init * 2^k covering the largest active rank (few compiled shapes) instead of always at r_max."))
 
     def __post_init__(self):
         if isinstance(self.targets, str):
