@@ -21,6 +21,7 @@ import click
 from .config import ConfigError, DRLoRAConfig
 
 EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
 
 
 class InputError(Exception):
@@ -29,12 +30,14 @@ class InputError(Exception):
 
 def _bad_input_types() -> tuple:
     from .adapters import AdapterError
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .families import UnsupportedModelError
     from .modelio import ModelError
     from .schedule import ScheduleError
 
-    return (InputError, ConfigError, DataError, ModelError, ScheduleError, AdapterError, UnsupportedModelError)
+    return (InputError, ConfigError, DataError, ModelError, ScheduleError, AdapterError, UnsupportedModelError,
+            CheckpointError)
 
 
 def _fail(message: str) -> None:
@@ -66,7 +69,8 @@ def _options(dataclass_type, skip=()):
             continue
         flag = "--" + f.name.replace("_", "-")
         if "bool" in str(f.type):
-            opts.append(click.Option([flag], is_flag=True, default=None, help=f.metadata.get("help")))
+            decls = [f"{flag}/--no-{flag[2:]}"] if f.default is True else [flag]
+            opts.append(click.Option(decls, is_flag=True, default=None, help=f.metadata.get("help")))
         else:
             opts.append(click.Option([flag], type=_click_type(f), default=None, help=f.metadata.get("help")))
     return opts
@@ -120,8 +124,9 @@ def _check_type(key: str, value, kind: str, source: str):
     return float(value) if "float" in kind else value
 
 
-def build_configs(given: dict, yaml_settings: dict, source: str = "config file"):
-    """(TrainingArgs, DRLoRAConfig) from command-line and YAML settings."""
+def build_configs(given: dict, yaml_settings: dict, source: str = "config file", base: dict | None = None):
+    """(TrainingArgs, DRLoRAConfig) from command-line and YAML settings, over
+    ``base`` (a resumed run's own settings) and the defaults."""
     import difflib
 
     from .train import BUILTIN_PRESET
@@ -136,7 +141,8 @@ def build_configs(given: dict, yaml_settings: dict, source: str = "config file")
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise InputError(f"{source}: unknown key {key!r}{hint}")
     types_of = {f.name: str(f.type) for f in fields(TrainingArgs) + fields(DRLoRAConfig)}
-    settings = {k: _check_type(k, v, types_of[k], source) for k, v in yaml_settings.items()}
+    settings = dict(base or {})
+    settings.update({k: _check_type(k, v, types_of[k], source) for k, v in yaml_settings.items()})
     settings.update(given)
     if settings.get("model") is None:
         settings = {**BUILTIN_PRESET, **settings}
@@ -158,10 +164,20 @@ def _train(ctx: click.Context, config_file: str | None, **_):
     from .trainer import TrainingArgs  # noqa: F401  (imports mlx lazily)
     from .train import run
 
+    from . import checkpoint
+
     given = _given(ctx)
     given.pop("config_file", None)
     yaml_settings = read_yaml(config_file) if config_file else {}
-    args, config = build_configs(given, yaml_settings, f"config file {config_file}")
+    layered = {**yaml_settings, **given}
+    base = None
+    if layered.get("resume") or layered.get("resume_from"):
+        # A resumed run keeps its own settings unless told otherwise.
+        meta = checkpoint.find_meta(layered.get("adapter_path", "adapters"), layered.get("resume_from"))
+        saved = meta["settings"]
+        base = {k: v for k, v in {**saved["training"], **saved["method"]}.items()
+                if k not in ("resume", "resume_from", "adapter_path")}
+    args, config = build_configs(given, yaml_settings, f"config file {config_file}", base)
     run(args, config)
 
 
@@ -275,10 +291,19 @@ def ranks(adapter_path, as_json, png_path):
 
 def main(argv=None) -> None:
     """Entry point of the console script and ``python -m drlora_mlx``."""
+    from .train import Interrupted
+    from .trainer import NonFiniteError
+
     bad_input = _bad_input_types()
     try:
         cli.main(args=argv, prog_name="drlora-mlx", standalone_mode=False)
-    except click.exceptions.Abort:
+    except NonFiniteError as e:
+        click.echo(f"drlora-mlx: error: {e}", err=True)
+        sys.exit(EXIT_NONFINITE)
+    except Interrupted as e:
+        click.echo(f"drlora-mlx: {e}", err=True)
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("drlora-mlx: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:

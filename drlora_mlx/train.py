@@ -7,15 +7,22 @@ first use) on the bundled tasks, offline, with a preset fit for it.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from . import checkpoint
 from .adapters import save_adapter
 from .attach import attach
 from .config import DRLoRAConfig
 from .data import bundled_data_dir, check_lengths, load_datasets
+from .memory import available_bytes, estimate_peak_bytes, memory_warning
 from .modelio import load_base
 from .progress import MetricsLog, Progress, format_time, rank_heatmap
 from .tiny import TinyShape, tiny_model_path
@@ -41,8 +48,72 @@ def builtin_model() -> str:
     return str(tiny_model_path(BUILTIN_FAMILY, BUILTIN_SHAPE))
 
 
+class Interrupted(Exception):
+    """The run stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, signum: int, iteration: int, adapter_path: Path):
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} at iteration {iteration}: checkpoint written; continue with "
+            f"drlora-mlx train --resume --adapter-path {adapter_path}"
+        )
+        self.exit_code = 128 + signum
+
+
+def settings(args: TrainingArgs, config: DRLoRAConfig) -> dict:
+    """What a checkpoint records of the run's settings (compared on resume)."""
+    return {"training": {k: v for k, v in vars(args).items()}, "method": config.to_dict()}
+
+
+def _find_checkpoint(args: TrainingArgs):
+    if args.resume_from:
+        path = Path(args.resume_from)
+        if not (path / checkpoint.META).exists():
+            raise checkpoint.CheckpointError(
+                f"{path} is not a drlora-mlx checkpoint folder (no {checkpoint.META}); give a folder from "
+                f"{checkpoint.CHECKPOINTS}/ of an adapter path"
+            )
+        return (path, *checkpoint.read(path))
+    return checkpoint.latest(args.adapter_path)
+
+
+def _prepare_fresh_output(adapter_path: Path) -> None:
+    """A new run may replace a finished one, never an unfinished one."""
+    done = checkpoint.complete(adapter_path)
+    if done:
+        meta = json.loads((done[-1] / checkpoint.META).read_text())
+        if meta["iteration"] < meta["settings"]["training"]["iters"]:
+            raise checkpoint.CheckpointError(
+                f"{adapter_path} holds an unfinished run (iteration {meta['iteration']} of "
+                f"{meta['settings']['training']['iters']}); continue it with --resume or choose another --adapter-path"
+            )
+        shutil.rmtree(checkpoint.checkpoint_dir(adapter_path))
+    (adapter_path / "metrics.jsonl").unlink(missing_ok=True)
+
+
+@contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGINT / SIGTERM finish the current iteration, then stop the loop; a
+    second signal stops at once (the last checkpoint stays as it was)."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        trainer.stop_requested = True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None) -> TrainResult:
-    """Train, save the adapter to ``args.adapter_path`` and print a summary."""
+    """Train (or continue with ``args.resume`` / ``args.resume_from``), save
+    the adapter and checkpoints to ``args.adapter_path`` and print a summary."""
     rank = world.rank() if world is not None else 0
     out = out or (lambda line: print(line, flush=True))
     say = out if rank == 0 else (lambda line: None)
@@ -52,6 +123,10 @@ def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None) -> Train
     data = args.data or str(bundled_data_dir())
     if args.data is None:
         say(f"No --data given: using the bundled tasks ({data})")
+    adapter_path = Path(args.adapter_path)
+    resume = _find_checkpoint(args) if (args.resume or args.resume_from) else None
+    if resume is not None:
+        checkpoint.check_settings(resume[2]["settings"], settings(args, config))
 
     model, tokenizer = load_base(model_name)
     mx.random.seed(args.seed)
@@ -61,14 +136,7 @@ def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None) -> Train
     if truncated:
         say(f"warning: {truncated} training examples are longer than --max-seq-length {args.max_seq_length} and will be truncated")
     say(drlora.report())
-    trainer = Trainer(
-        model,
-        drlora,
-        args,
-        progress=Progress(args.iters, enabled=rank == 0),
-        metrics=None,
-        world=world,
-    )
+    trainer = Trainer(model, drlora, args, progress=Progress(args.iters, enabled=rank == 0), world=world)
     schedule = trainer.schedule
     if config.method == "drlora":
         say(
@@ -76,19 +144,40 @@ def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None) -> Train
             f"{schedule.warmup_steps} to {schedule.end_step}, {schedule.quota} ranks per layer per event, "
             f"budget {schedule.budget} per layer (exhausted at step {schedule.budget_exhausted_step()})"
         )
-    adapter_path = Path(args.adapter_path)
-    if rank == 0:
+    longest = max(len(train_set[i][0]) for i in range(len(train_set)))
+    warning = memory_warning(
+        estimate_peak_bytes(model, drlora, args.batch_size, min(longest, args.max_seq_length), args.grad_checkpoint),
+        available_bytes(),
+    )
+    if warning:
+        say(warning)
+    if resume is not None:
+        path, arrays, meta = resume
+        trainer.restore(arrays, meta)
+        say(f"resuming from {path} at iteration {trainer.iteration} of {args.iters}")
+    elif rank == 0:
         adapter_path.mkdir(parents=True, exist_ok=True)
-        (adapter_path / "metrics.jsonl").unlink(missing_ok=True)
+        _prepare_fresh_output(adapter_path)
     trainer.metrics = MetricsLog(adapter_path / "metrics.jsonl", enabled=rank == 0)
     extra = {"drlora_training": {**vars(args), "model": model_name, "data": data}}
+    saved_at = []
 
     def on_save(it: int) -> None:
         if rank == 0:
             save_adapter(drlora, adapter_path, model_name, extra=extra)
+            arrays, meta = trainer.checkpoint_state()
+            meta["settings"] = settings(args, config)
+            pause = float(os.environ.get("DRLORA_MLX_FAULT_SLOW_SAVE", "0") or 0)
+            checkpoint.save(adapter_path, it, arrays, meta, keep=args.keep_checkpoints, pause=pause)
+        saved_at.append(it)
 
-    result = trainer.run(train_set, valid_set, on_save=on_save)
+    with _stop_on_signals(trainer) as received:
+        result = trainer.run(train_set, valid_set, on_save=on_save)
     trainer.progress.close()
+    if result.interrupted:
+        if not saved_at or saved_at[-1] != trainer.iteration:
+            on_save(trainer.iteration)
+        raise Interrupted(received[0] if received else signal.SIGINT, trainer.iteration, adapter_path)
     if args.test:
         result.test_loss = trainer.evaluate(test_set, args.test_batches)
         say(f"test loss {result.test_loss:.3f}, perplexity {np.exp(result.test_loss):.3f}")

@@ -1,32 +1,46 @@
-"""The DR-LoRA training loop: a compiled step, growth events between steps.
+"""The DR-LoRA training loop: compiled steps, growth events between them.
 
-The step is ``mlx-lm``'s (value_and_grad, gradient accumulation, AdamW)
-compiled once per phase, plus what DR-LoRA adds inside it: the routing sums of
-the loss tokens come out of the forward pass, and at each optimizer update the
-rank importance and routing frequency EMAs are updated from the accumulated
+The step is ``mlx-lm``'s (value_and_grad, gradient accumulation, AdamW), split
+in two compiled functions so that a non-finite gradient is seen before it
+reaches the weights, plus what DR-LoRA adds: the routing sums of the loss
+tokens come out of the forward pass, and at each optimizer update the rank
+importance and routing frequency EMAs are updated from the accumulated
 gradients and sums before AdamW moves A and B. Growth events run between steps
-and change mask values only, so they never retrace; a new compiled step is
-made only when the trained set changes (the router unfreezing after warm-up).
+and change mask values only, so they never retrace; new compiled steps are
+made only when the trained set changes (the router unfreezing after warm-up) or
+the LoRA width moves to the next bucket (``DRLoRA.fit_width``).
 """
 
 from __future__ import annotations
 
-import math
+import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .attach import DRLoRA
 from .config import ConfigError
 from .data import Batches, eval_batches
-from .progress import MetricsLog, Progress, format_time, rank_heatmap
+from .progress import MetricsLog, Progress
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN or infinite."""
+
+    def __init__(self, iteration: int, step: int, loss: float):
+        super().__init__(
+            f"non-finite loss or gradient at iteration {iteration} (optimizer step {step}, loss {loss}); "
+            "stopped without applying it. Lower --learning-rate, or pass --skip-nonfinite N to skip bad batches"
+        )
+        self.iteration = iteration
 
 
 def _help(text: str, **extra):
@@ -56,6 +70,10 @@ class TrainingArgs:
     seed: int = field(default=0, metadata=_help("Random seed (LoRA initialisation and batch order)."))
     test: bool = field(default=False, metadata=_help("Evaluate the test set after training."))
     test_batches: int = field(default=500, metadata=_help("Test batches to evaluate (-1: all)."))
+    resume: bool = field(default=False, metadata=_help("Continue the run in --adapter-path from its newest complete checkpoint."))
+    resume_from: str | None = field(default=None, metadata=_help("Continue from this checkpoint folder."))
+    keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints to keep (the newest)."))
+    skip_nonfinite: int = field(default=0, metadata=_help("Batches with a NaN/inf loss or gradient to skip before stopping."))
 
     def __post_init__(self):
         for f in fields(self):
@@ -67,6 +85,8 @@ class TrainingArgs:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.keep_checkpoints < 1 or self.skip_nonfinite < 0:
+            raise ConfigError("keep_checkpoints must be at least 1 and skip_nonfinite at least 0")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive; got {self.learning_rate}")
         if self.iters % self.grad_accumulation_steps:
@@ -96,18 +116,24 @@ def learning_rate_schedule(args: TrainingArgs, warmup_steps: int):
     return optim.join_schedules([warmup, decay], [warmup_steps])
 
 
-def make_loss(drlora: DRLoRA):
-    """mlx-lm's masked next-token loss, also returning the step's routing sums."""
+def make_loss(drlora: DRLoRA, record: bool = True):
+    """mlx-lm's masked next-token loss, also returning the step's routing sums
+    (zeros when ``record`` is False: uniform LoRA needs no statistics)."""
 
     def loss(model, batch, lengths):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-        with drlora.recorder.capture(mask):
+        if record:
+            with drlora.recorder.capture(mask):
+                logits = model(inputs)
+                routing = drlora.recorder.sums()
+        else:
             logits = model(inputs)
-            routing = drlora.recorder.sums()
+            routing = mx.zeros((drlora.n_layers, drlora.n_experts))
         n_tokens = mask.sum()
-        ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / n_tokens
+        # A batch without loss tokens (all prompt) contributes nothing rather than 0/0.
+        ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / mx.maximum(n_tokens, 1)
         return ce, n_tokens, routing
 
     return loss
@@ -144,6 +170,7 @@ class TrainResult:
     """What a run did, for the summary, the tests and the scripts."""
 
     losses: list = field(default_factory=list)  # (optimizer step, mean loss of its batches)
+    iteration_losses: list = field(default_factory=list)  # (iteration, loss of its batch)
     val_losses: list = field(default_factory=list)  # (iteration, loss)
     test_loss: float | None = None
     events: list = field(default_factory=list)  # GrowthEvent
@@ -151,6 +178,7 @@ class TrainResult:
     seconds: float = 0.0
     peak_memory_gb: float = 0.0
     tokens: int = 0
+    interrupted: bool = False
 
 
 class Trainer:
@@ -171,7 +199,7 @@ class Trainer:
         self.optimizer.init(model.trainable_parameters())
         self.progress = progress or Progress(args.iters, enabled=False)
         self.metrics = metrics or MetricsLog("metrics.jsonl", enabled=False)
-        self.loss_and_grad = nn.value_and_grad(model, make_loss(drlora))
+        self.loss_and_grad = nn.value_and_grad(model, make_loss(drlora, record=self.schedule.n_events > 0))
         self.steps: dict = {}
         self.traces = 0
         self.router_trained = drlora.config.train_router == "always"
@@ -179,6 +207,11 @@ class Trainer:
         self.accum = None  # gradients and routing sums of an unfinished accumulation cycle
         self.mean_rank = float(drlora.ranks().mean())
         self.last_tps = 0.0
+        self.grow_seconds = 0.0  # wall time of the last growth event
+        self.batch_state = {"epoch": 0, "position": 0}
+        self.skipped = 0  # batches skipped for non-finite values
+        self.stop_requested = False  # set from a signal handler: stop after this iteration
+        self._nan_at = {int(i) for i in os.environ.get("DRLORA_MLX_FAULT_NAN_AT", "").split(",") if i.strip()}
         if args.grad_checkpoint:
             grad_checkpoint(model)
 
@@ -187,35 +220,51 @@ class Trainer:
     def _state(self):
         return [self.model.state, self.optimizer.state, mx.random.state, self.drlora.state.state]
 
-    def _compiled_step(self):
-        key = self.router_trained
+    def _compiled(self, kind: str):
+        # Growth changes mask values only; new steps are traced only when the
+        # trained set (router) or the LoRA width bucket changes.
+        key = (self.router_trained, self.drlora.width)
         if key not in self.steps:
-            self.steps[key] = mx.compile(self._step, inputs=self._state(), outputs=self._state())
-        return self.steps[key]
+            self.steps[key] = {
+                "grad": mx.compile(self._grad_step, inputs=self._state(), outputs=self._state()),
+                "update": mx.compile(self._update_step, inputs=self._state(), outputs=self._state()),
+            }
+        return self.steps[key][kind]
 
-    def _step(self, batch, lengths, accum, do_update):
+    def _grad_step(self, batch, lengths, accum):
+        """Loss, gradients and routing sums of one batch, added to ``accum``;
+        also whether they are all finite."""
         self.traces += 1  # runs only while tracing
         (loss, n_tokens, routing), grads = self.loss_and_grad(self.model, batch, lengths)
+        grads = dict(tree_flatten(grads))  # flat {path: gradient}: saves and restores as is
+        finite = mx.isfinite(loss)
+        for g in grads.values():
+            finite = mx.logical_and(finite, mx.isfinite(g).all())
         if accum is not None:
-            grads = tree_map(lambda g, a: g + a, grads, accum[0])
+            grads = {k: g + accum[0][k] for k, g in grads.items()}
             routing = routing + accum[1]
-            total = n_tokens + accum[2]
+            n_total = n_tokens + accum[2]
         else:
-            total = n_tokens
-        if not do_update:
-            return loss, n_tokens, (grads, routing, total)
+            n_total = n_tokens
+        return loss, n_tokens, finite, (grads, routing, n_total)
+
+    def _update_step(self, accum):
+        """The optimizer update of an accumulation cycle, after the statistics."""
+        self.traces += 1
+        flat, routing, n_tokens = accum
+        grads = tree_unflatten(list(flat.items()))
         if self.world_size > 1:
             grads = nn.average_gradients(grads)
             routing = mx.distributed.all_sum(routing)
-            total = mx.distributed.all_sum(total)
+            n_tokens = mx.distributed.all_sum(n_tokens)
         if self.args.grad_accumulation_steps > 1:
             grads = tree_map(lambda g: g / self.args.grad_accumulation_steps, grads)
-        self.drlora.update_statistics(grads, routing, total)
+        if self.schedule.n_events:  # uniform LoRA never grows: no statistics to keep
+            self.drlora.update_statistics(grads, routing, n_tokens)
         before = self.drlora.factors() if self.args.weight_decay > 0 else None
         self.optimizer.update(self.model, grads)
         if before is not None:
             self.drlora.keep_masked_ranks(before)
-        return loss, n_tokens, None
 
     def _set_router(self, trained: bool) -> None:
         if trained == self.router_trained:
@@ -229,7 +278,7 @@ class Trainer:
     def evaluate(self, dataset, batches: int) -> float:
         self.model.eval()
         total, count = mx.array(0.0), mx.array(0.0)
-        loss_fn = make_loss(self.drlora)
+        loss_fn = make_loss(self.drlora, record=False)
         for batch, lengths in eval_batches(dataset, self.args.batch_size, self.args.max_seq_length, batches,
                                            self.rank, self.world_size):
             loss, n, _ = loss_fn(self.model, mx.array(batch), mx.array(lengths))
@@ -245,22 +294,112 @@ class Trainer:
     # ----- the loop -------------------------------------------------------------
 
     def train_step(self, batch, lengths):
-        """One iteration: a batch through the compiled step; at the end of an
-        accumulation cycle also the optimizer update and the growth event.
-        Returns (loss, loss tokens, growth event or None)."""
+        """One iteration: a batch through the compiled gradient step; at the end
+        of an accumulation cycle also the optimizer update and the growth event.
+        A batch with a non-finite loss or gradient never reaches the weights:
+        it is skipped (up to ``skip_nonfinite`` times) or ends the run with
+        ``NonFiniteError``. Returns (loss, loss tokens, growth event or None)."""
         args = self.args
         it = self.iteration + 1
         opt_step = (it - 1) // args.grad_accumulation_steps + 1
         do_update = it % args.grad_accumulation_steps == 0
         if self.drlora.config.train_router == "after-warmup":
             self._set_router(opt_step > self.schedule.warmup_steps)
-        loss, n_tokens, self.accum = self._compiled_step()(mx.array(batch), mx.array(lengths), self.accum, do_update)
-        mx.eval(self._state(), loss, n_tokens, self.accum)
+        with self._fault(it):
+            loss, n_tokens, finite, accum = self._compiled("grad")(mx.array(batch), mx.array(lengths), self.accum)
+            mx.eval(loss, n_tokens, finite, accum)
         self.iteration = it
-        event = self.drlora.grow(opt_step, self.schedule) if do_update else None
-        if event is not None:
-            self.mean_rank = float(self.drlora.ranks().mean())
+        if finite.item():
+            self.accum = accum
+        else:
+            self.skipped += 1
+            if self.skipped > args.skip_nonfinite:
+                raise NonFiniteError(it, opt_step, float(loss.item()))
+            self.progress.log(f"iter {it}: non-finite loss or gradient, batch skipped "
+                              f"({self.skipped} of --skip-nonfinite {args.skip_nonfinite})")
+        event = None
+        if do_update and self.accum is not None:
+            self._compiled("update")(self.accum)
+            mx.eval(self._state())
+            self.accum = None
+        if do_update:
+            tic = time.perf_counter()
+            event = self.drlora.grow(opt_step, self.schedule)
+            if event is not None:
+                self.mean_rank = float(self.drlora.ranks().mean())
+                self.grow_seconds = time.perf_counter() - tic
         return loss.item(), int(n_tokens.item()), event
+
+    @contextmanager
+    def _fault(self, iteration: int):
+        """Test hook: DRLORA_MLX_FAULT_NAN_AT=3,7 makes those iterations'
+        gradients non-finite (a NaN in one B) without changing any weight."""
+        if iteration not in self._nan_at:
+            yield
+            return
+        _, module = next(iter(self.drlora.expert_modules()))
+        kept = module.lora_b
+        module.lora_b = kept * mx.array(float("nan"))
+        try:
+            yield
+        finally:
+            module.lora_b = kept
+
+    # ----- checkpoints ----------------------------------------------------------
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """(arrays, meta) that let ``restore`` continue this run exactly."""
+        drlora = self.drlora
+        arrays = {f"param.{k}": v for k, v in tree_flatten(self.model.trainable_parameters())}
+        for layer in drlora.layers:
+            for k, v in tree_flatten(layer.router.parameters()):
+                arrays[f"param.{layer.path}.{drlora.family.router}.{k}"] = v
+        for path, module in drlora.expert_modules():
+            arrays[f"state.{path}.rank_mask"] = module.rank_mask
+            arrays[f"state.{path}.importance"] = module.importance
+        arrays["state.routing.frequency"] = drlora.state.frequency
+        arrays["state.routing.seen"] = drlora.state.seen
+        arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
+        if self.accum is not None:
+            grads, routing, n_tokens = self.accum
+            arrays.update({f"accum.grads.{k}": v for k, v in grads.items()})
+            arrays["accum.routing"], arrays["accum.tokens"] = routing, n_tokens
+        meta = {
+            "iteration": self.iteration,
+            "router_trained": self.router_trained,
+            "batches": self.batch_state,
+            "skipped": self.skipped,
+            "mean_rank": self.mean_rank,
+        }
+        return arrays, meta
+
+    def restore(self, arrays: dict, meta: dict) -> None:
+        """Continue from ``checkpoint_state``'s output (on a freshly attached model)."""
+        drlora = self.drlora
+        self._set_router(bool(meta["router_trained"]))
+        params = {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")}
+        known = dict(tree_flatten(self.model.parameters()))
+        missing = [k for k in params if k not in known or known[k].shape != params[k].shape]
+        if missing:
+            raise ValueError(f"checkpoint parameters do not fit this model: {', '.join(missing[:3])}")
+        self.model.load_weights(list(params.items()), strict=False)
+        for path, module in drlora.expert_modules():
+            module.rank_mask = arrays[f"state.{path}.rank_mask"]
+            module.importance = arrays[f"state.{path}.importance"]
+        drlora.state.frequency = arrays["state.routing.frequency"]
+        drlora.state.seen = arrays["state.routing.seen"]
+        drlora.fit_width()
+        self.optimizer.state = tree_unflatten(
+            [(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")]
+        )
+        self.optimizer.init(self.model.trainable_parameters())  # adds the empty branches flattening dropped
+        grads = [(k[len("accum.grads."):], v) for k, v in arrays.items() if k.startswith("accum.grads.")]
+        self.accum = (dict(grads), arrays["accum.routing"], arrays["accum.tokens"]) if grads else None
+        self.iteration = int(meta["iteration"])
+        self.batch_state = dict(meta["batches"])
+        self.skipped = int(meta.get("skipped", 0))
+        self.mean_rank = float(drlora.ranks().mean())
+        mx.eval(self.model.parameters(), self.optimizer.state, drlora.state.parameters())
 
     def run(self, train_set, valid_set=None, on_save=None) -> TrainResult:
         """Train until ``args.iters``, evaluating, reporting and calling
@@ -268,12 +407,13 @@ class Trainer:
         args, drlora = self.args, self.drlora
         result = TrainResult()
         batches = Batches(train_set, args.batch_size, args.max_seq_length, args.seed, self.rank, self.world_size)
+        batches.restore(self.batch_state)
         report_loss, report_tokens, report_steps, report_time = 0.0, 0, 0, 0.0
         step_losses = []
         mx.reset_peak_memory()
         start = time.perf_counter()
         self.model.train()
-        while self.iteration < args.iters:
+        while self.iteration < args.iters and not self.stop_requested:
             it = self.iteration + 1
             if valid_set is not None and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
                 val = self.evaluate(valid_set, args.val_batches)
@@ -282,8 +422,10 @@ class Trainer:
                 self.metrics.write({"kind": "val", "step": it, "val_loss": val})
             tic = time.perf_counter()
             loss, n_tokens, event = self.train_step(*next(batches))
+            self.batch_state = batches.state()
             report_time += time.perf_counter() - tic
             step_losses.append(loss)
+            result.iteration_losses.append((it, loss))
             report_loss += loss
             report_tokens += n_tokens
             report_steps += 1
@@ -325,6 +467,7 @@ class Trainer:
             )
             if on_save is not None and (it % args.save_every == 0 or it == args.iters):
                 on_save(it)
+        result.interrupted = self.iteration < args.iters
         result.seconds = time.perf_counter() - start
         result.peak_memory_gb = mx.get_peak_memory() / 1e9
         result.traces = self.traces

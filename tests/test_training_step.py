@@ -127,14 +127,20 @@ class _FixedLength:
         return self.rows[i]
 
 
-@pytest.mark.parametrize("train_router,traces", [("never", 1), ("always", 1), ("after-warmup", 2)])
-def test_growth_events_do_not_retrace(tiny_models, train_router, traces):
-    model, _, drlora = attached(tiny_models, "qwen3_moe", train_router=train_router)
+@pytest.mark.parametrize("train_router,phases", [("never", 1), ("always", 1), ("after-warmup", 2)])
+@pytest.mark.parametrize("active_width", [False, True])
+def test_growth_events_do_not_retrace(tiny_models, train_router, phases, active_width):
+    model, _, drlora = attached(tiny_models, "qwen3_moe", train_router=train_router, active_width=active_width)
     trainer = _trainer(model, drlora, iters=40, batch_size=4)
     result = trainer.run(_FixedLength())
     assert len(result.events) >= 10
-    assert result.traces == traces
     assert drlora.ranks().mean() == drlora.config.r_target
+    # Widths 8, 16, 32 for r_init 8, r_max 32: at most log2(32 / 8) + 1 = 3 shapes per router phase.
+    width_shapes = 3 if active_width else 1
+    # One gradient step and one update step per (router phase, width), never one per event.
+    assert result.traces == 2 * len(trainer.steps)
+    assert phases <= len(trainer.steps) <= phases * width_shapes
+    assert {w for _, w in trainer.steps} == ({8, 16, 32} if active_width else {32})
 
 
 def test_gradient_accumulation_traces_are_bounded(tiny_models):
@@ -142,4 +148,5 @@ def test_gradient_accumulation_traces_are_bounded(tiny_models):
     trainer = _trainer(model, drlora, iters=40, batch_size=4, grad_accumulation_steps=4)
     result = trainer.run(_FixedLength())
     assert len(result.events) >= 3
-    assert result.traces == 3  # first micro-batch, later micro-batches, the update
+    # Per (router phase, width): the first micro-batch, the later ones, the update.
+    assert result.traces == 3 * len(trainer.steps)

@@ -1,0 +1,157 @@
+"""Checkpoints: the whole training state, written atomically, read back exactly.
+
+A checkpoint is a folder ``<adapter-path>/checkpoints/step-<iteration>/``
+holding ``state.safetensors`` (every trained parameter, the rank masks and
+statistics, the optimizer state, an unfinished gradient accumulation) and
+``trainer.json`` (iteration, data position, router phase, and the settings the
+run was made with). It is written into a hidden folder beside it and renamed
+into place only when complete, so a process killed at any moment leaves the
+previous checkpoints as they were; ``latest`` picks the newest complete one.
+
+Training draws no random numbers (no dropout), so no random state is needed to
+continue a run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import __version__
+
+CHECKPOINTS = "checkpoints"
+STATE = "state.safetensors"
+META = "trainer.json"
+# Settings that must match for a run to continue exactly. Reporting, saving
+# and memory-only settings (grad_checkpoint) may change on resume.
+FIXED_TRAINING = ("model", "data", "iters", "batch_size", "learning_rate", "lr_schedule", "weight_decay",
+                  "max_seq_length", "grad_accumulation_steps", "mask_prompt", "seed")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why."""
+
+
+def checkpoint_dir(adapter_path: str | os.PathLike) -> Path:
+    return Path(adapter_path) / CHECKPOINTS
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(adapter_path: str | os.PathLike, iteration: int, arrays: dict, meta: dict, keep: int = 2,
+         pause: float = 0.0) -> Path:
+    """Write checkpoint ``iteration`` atomically and keep the newest ``keep``.
+
+    ``pause`` waits between writing the files and making them visible (the
+    tests use it to kill a process in the middle of a write).
+    """
+    root = checkpoint_dir(adapter_path)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{iteration:07d}"
+    for stale in root.glob(".tmp-step-*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-step-{iteration:07d}-{os.getpid()}"
+    tmp.mkdir()
+    mx.save_safetensors(str(tmp / STATE), arrays)
+    with open(tmp / META, "w") as f:
+        json.dump({**meta, "iteration": iteration, "drlora_mlx_version": __version__, "saved_at": time.time()},
+                  f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(tmp / STATE, "rb+") as f:
+        os.fsync(f.fileno())
+    if pause:
+        time.sleep(pause)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in complete(adapter_path)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(arrays, meta) of one checkpoint folder."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+        arrays = mx.load(str(path / STATE))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}); use another one") from None
+    return arrays, meta
+
+
+def complete(adapter_path: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(adapter_path)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / META).exists() and (p / STATE).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest(adapter_path: str | os.PathLike) -> tuple[Path, dict, dict]:
+    """The newest checkpoint that reads back whole: (path, arrays, meta)."""
+    candidates = complete(adapter_path)
+    if not candidates:
+        raise CheckpointError(
+            f"no checkpoint to resume in {checkpoint_dir(adapter_path)}; train without --resume first "
+            "(or give --resume-from a checkpoint folder)"
+        )
+    for path in reversed(candidates):
+        try:
+            arrays, meta = read(path)
+            return path, arrays, meta
+        except CheckpointError:
+            continue
+    raise CheckpointError(f"every checkpoint in {checkpoint_dir(adapter_path)} is unreadable")
+
+
+def find_meta(adapter_path: str | os.PathLike, resume_from: str | None = None) -> dict:
+    """The settings record of the checkpoint a resume would use (not its arrays)."""
+    if resume_from:
+        path = Path(resume_from)
+    else:
+        found = complete(adapter_path)
+        if not found:
+            raise CheckpointError(
+                f"no checkpoint to resume in {checkpoint_dir(adapter_path)}; train without --resume first "
+                "(or give --resume-from a checkpoint folder)"
+            )
+        path = found[-1]
+    try:
+        return json.loads((path / META).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path} is not a readable drlora-mlx checkpoint folder (no valid {META})") from None
+
+
+def check_settings(saved: dict, current: dict) -> None:
+    """Refuse to continue a run with settings that would change its numbers.
+
+    Both are ``{"training": {...}, "method": {...}}`` as ``train.settings`` makes them.
+    """
+    pairs = [(k, saved["training"].get(k), current["training"].get(k)) for k in FIXED_TRAINING]
+    pairs += [(k, v, current["method"].get(k)) for k, v in saved["method"].items()]
+    for key, was, now in pairs:
+        if was != now:
+            raise CheckpointError(
+                f"the checkpoint was made with {key}={was!r}, this run asks for {key}={now!r}; "
+                "resume with the same setting or train into a new --adapter-path"
+            )

@@ -1,0 +1,215 @@
+"""Exact resume, interruption, a kill during a checkpoint write, non-finite losses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import load as mlx_lm_load
+
+from drlora_mlx import checkpoint
+from drlora_mlx.attach import attach
+from drlora_mlx.config import DRLoRAConfig
+from drlora_mlx.data import bundled_data_dir, load_datasets
+from drlora_mlx.trainer import Trainer, TrainingArgs
+
+from .helpers import SHAPE
+from .test_cli import run_cli
+
+CONFIG = dict(r_init=2, r_target=4, r_max=8)
+ARGS = dict(iters=48, batch_size=4, learning_rate=5e-3, grad_accumulation_steps=2, steps_per_report=1000,
+            steps_per_eval=1000, mask_prompt=True, weight_decay=0.01)
+
+
+def _fresh_trainer(model_path, tokenizer_data=None, **overrides):
+    model, tokenizer = mlx_lm_load(str(model_path))
+    drlora = attach(model, DRLoRAConfig(**CONFIG), seed=0)
+    train, _, _ = load_datasets(bundled_data_dir(), tokenizer, mask_prompt=True)
+    return Trainer(model, drlora, TrainingArgs(**{**ARGS, **overrides})), train
+
+
+def _final_state(trainer):
+    arrays, _ = trainer.checkpoint_state()
+    return {k: np.asarray(v) for k, v in arrays.items() if k.startswith(("param.", "state.", "optimizer."))}
+
+
+def test_resume_is_bitwise_exact(tiny_models, tmp_path):
+    path = tiny_models("qwen3_moe", shape=SHAPE)
+    straight, train = _fresh_trainer(path)
+    full = straight.run(train)
+    assert len(full.events) > 4
+
+    first, train = _fresh_trainer(path, save_every=1)
+    first.run(train, on_save=lambda it: setattr(first, "stop_requested", it >= 21))  # stops mid-cycle
+    assert first.iteration == 21 and first.accum is not None
+    arrays, meta = first.checkpoint_state()
+    saved = checkpoint.save(tmp_path, first.iteration, arrays, meta)
+
+    second, train = _fresh_trainer(path)
+    second.restore(*checkpoint.read(saved))
+    rest = second.run(train)
+
+    events_before = [e.step for e in full.events if e.step <= 10]
+    events_after = [e.step for e in rest.events]
+    assert events_before and events_after  # growth on both sides of the cut
+    assert [e.step for e in full.events if e.step > 10] == events_after
+    assert rest.iteration_losses == full.iteration_losses[21:]  # the loss of every later batch, bitwise
+    assert len(rest.iteration_losses) == 27
+    want, got = _final_state(straight), _final_state(second)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert np.array_equal(want[k], got[k]), k
+
+
+def _cli(model_path, adapter_path, *extra):
+    return [sys.executable, "-m", "drlora_mlx", "train", "--model", str(model_path), "--adapter-path",
+            str(adapter_path), "--iters", "60", "--batch-size", "4", "--learning-rate", "5e-3",
+            "--grad-accumulation-steps", "2", "--r-init", "2", "--r-target", "4", "--r-max", "8",
+            "--steps-per-report", "2", "--steps-per-eval", "1000", "--mask-prompt", *extra]
+
+
+def _wait_for(predicate, timeout=120):
+    start = time.time()
+    while not predicate():
+        if time.time() - start > timeout:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+def _weights(adapter_path):
+    return {k: np.asarray(v) for k, v in mx.load(str(adapter_path / "adapters.safetensors")).items()} | {
+        k: np.asarray(v) for k, v in mx.load(str(adapter_path / "drlora_state.safetensors")).items()
+    }
+
+
+def _assert_same_adapter(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert np.array_equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_models, tmp_path_factory):
+    """One uninterrupted CLI run that the interrupted ones must equal."""
+    path = tiny_models("qwen3_moe", shape=SHAPE)
+    out = tmp_path_factory.mktemp("reference") / "adapters"
+    done = subprocess.run(_cli(path, out, "--save-every", "1000"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return path, out
+
+
+def _train_records(adapter_path):
+    p = adapter_path / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip() and '"train"' in l]
+
+
+def test_sigint_writes_a_checkpoint_and_resume_finishes_identically(reference_run, tmp_path):
+    path, reference = reference_run
+    out = tmp_path / "adapters"
+    proc = subprocess.Popen(_cli(path, out, "--save-every", "1000"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(r["step"] >= 22 for r in _train_records(out)))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT at iteration" in err and "drlora-mlx train --resume --adapter-path" in err
+    assert "Traceback" not in err
+    stopped = checkpoint.complete(out)
+    assert len(stopped) == 1 and 22 <= int(stopped[0].name.split("-")[1]) < 60
+    resumed = subprocess.run([sys.executable, "-m", "drlora_mlx", "train", "--resume", "--adapter-path", str(out)],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    _assert_same_adapter(reference, out)
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(reference_run, tmp_path):
+    path, reference = reference_run
+    out = tmp_path / "adapters"
+    env = dict(os.environ, DRLORA_MLX_FAULT_SLOW_SAVE="3")
+    proc = subprocess.Popen(_cli(path, out, "--save-every", "10"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    root = checkpoint.checkpoint_dir(out)
+    _wait_for(lambda: root.is_dir() and any(p.name.startswith(".tmp-step-0000020") for p in root.iterdir()))
+    proc.kill()
+    proc.wait()
+    assert [p.name for p in checkpoint.complete(out)] == ["step-0000010"]
+    assert checkpoint.read(root / "step-0000010")[1]["iteration"] == 10
+    resumed = subprocess.run([sys.executable, "-m", "drlora_mlx", "train", "--resume", "--adapter-path", str(out)],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "step-0000010 at iteration 10" in resumed.stdout
+    _assert_same_adapter(reference, out)
+    assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+
+
+def test_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(tiny_models, tmp_path):
+    path = tiny_models("qwen3_moe", shape=SHAPE)
+    out = tmp_path / "adapters"
+    env = dict(os.environ, DRLORA_MLX_FAULT_NAN_AT="25")
+    run = subprocess.run(_cli(path, out, "--save-every", "10"), env=env, capture_output=True, text=True)
+    assert run.returncode == 3
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("drlora-mlx: error: non-finite loss or gradient at iteration 25 (optimizer step 13")
+    assert "Traceback" not in run.stderr
+    assert [p.name for p in checkpoint.complete(out)] == ["step-0000010", "step-0000020"]
+    arrays, meta = checkpoint.read(checkpoint.checkpoint_dir(out) / "step-0000020")
+    assert meta["iteration"] == 20
+    assert all(np.isfinite(np.asarray(v)).all() for v in arrays.values() if v.dtype == mx.float32)
+    # The adapter beside the checkpoints is the one of iteration 20.
+    saved = mx.load(str(out / "adapters.safetensors"))
+    for k, v in saved.items():
+        if k.endswith("lora_b") and f"param.{k}" in arrays:
+            mask = np.asarray(arrays[f"state.{k[: -len('.lora_b')]}.rank_mask"])
+            assert np.array_equal(np.asarray(v), np.asarray(arrays[f"param.{k}"]) * mask[:, None, :])
+
+
+def test_skip_nonfinite_skips_the_bad_batch_and_goes_on(tiny_models, tmp_path):
+    path = tiny_models("qwen3_moe", shape=SHAPE)
+    out = tmp_path / "adapters"
+    env = dict(os.environ, DRLORA_MLX_FAULT_NAN_AT="25")
+    run = subprocess.run(_cli(path, out, "--skip-nonfinite", "1"), env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "iter 25: non-finite loss or gradient, batch skipped (1 of --skip-nonfinite 1)" in run.stdout
+    assert all(np.isfinite(v).all() for v in _weights(out).values())
+
+
+def test_resume_refuses_other_settings_and_fresh_runs_refuse_unfinished_ones(tiny_models, tmp_path, capsys):
+    path = tiny_models("qwen3_moe", shape=SHAPE)
+    out = tmp_path / "adapters"
+    base = ["train", "--model", str(path), "--adapter-path", str(out), "--batch-size", "4", "--r-init", "2",
+            "--r-target", "4", "--r-max", "8", "--save-every", "10", "--iters", "40"]
+    checkpoint.save(out, 10, {"x": mx.zeros(1)}, {"settings": {"training": {"iters": 40}, "method": {}}})
+    code, _, err = run_cli(base, capsys)
+    assert code == 2 and "holds an unfinished run (iteration 10 of 40); continue it with --resume" in err
+    code, _, err = run_cli([*base, "--resume", "--r-max", "16"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(["train", "--resume", "--adapter-path", str(tmp_path / "none")], capsys)
+    assert code == 2 and "no checkpoint to resume" in err
+
+
+def test_resume_names_the_mismatched_setting(tiny_models, tmp_path, capsys):
+    path = tiny_models("qwen3_moe", shape=SHAPE)
+    out = tmp_path / "adapters"
+    base = ["train", "--model", str(path), "--adapter-path", str(out), "--batch-size", "4", "--r-init", "2",
+            "--r-target", "4", "--r-max", "8", "--save-every", "10", "--iters", "40"]
+    os.environ["DRLORA_MLX_FAULT_NAN_AT"] = "15"
+    try:
+        code, _, _ = run_cli(base, capsys)
+    finally:
+        del os.environ["DRLORA_MLX_FAULT_NAN_AT"]
+    assert code == 3
+    code, _, err = run_cli([*base, "--resume", "--r-max", "16"], capsys)
+    assert code == 2
+    assert err.strip() == ("drlora-mlx: error: the checkpoint was made with r_max=8, this run asks for r_max=16; "
+                           "resume with the same setting or train into a new --adapter-path")
+    code, _, err = run_cli([*base, "--resume", "--learning-rate", "0.1"], capsys)
+    assert code == 2 and "learning_rate=" in err
