@@ -22,6 +22,7 @@ from .config import ConfigError, DRLoRAConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_DIVERGED = 4
 
 
 class InputError(Exception):
@@ -292,7 +293,7 @@ def ranks(adapter_path, as_json, png_path):
 def main(argv=None) -> None:
     """Entry point of the console script and ``python -m drlora_mlx``."""
     from .train import Interrupted
-    from .trainer import NonFiniteError
+    from .trainer import DivergenceError, NonFiniteError
 
     bad_input = _bad_input_types()
     try:
@@ -300,6 +301,9 @@ def main(argv=None) -> None:
     except NonFiniteError as e:
         click.echo(f"drlora-mlx: error: {e}", err=True)
         sys.exit(EXIT_NONFINITE)
+    except DivergenceError as e:
+        click.echo(f"drlora-mlx: error: {e}", err=True)
+        sys.exit(EXIT_DIVERGED)
     except Interrupted as e:
         click.echo(f"drlora-mlx: {e}", err=True)
         sys.exit(e.exit_code)

@@ -77,7 +77,7 @@ def _find_checkpoint(args: TrainingArgs):
     return checkpoint.latest(args.adapter_path)
 
 
-def _prepare_fresh_output(adapter_path: Path) -> None:
+def _check_fresh_output(adapter_path: Path) -> None:
     """A new run may replace a finished one, never an unfinished one."""
     done = checkpoint.complete(adapter_path)
     if done:
@@ -87,8 +87,18 @@ def _prepare_fresh_output(adapter_path: Path) -> None:
                 f"{adapter_path} holds an unfinished run (iteration {meta['iteration']} of "
                 f"{meta['settings']['training']['iters']}); continue it with --resume or choose another --adapter-path"
             )
-        shutil.rmtree(checkpoint.checkpoint_dir(adapter_path))
+
+
+def _clear_finished_run(adapter_path: Path) -> None:
+    if not adapter_path.exists():
+        return
+    shutil.rmtree(checkpoint.checkpoint_dir(adapter_path), ignore_errors=True)
     (adapter_path / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def _barrier(world) -> None:
+    if world is not None:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world, stream=mx.cpu))
 
 
 @contextmanager
@@ -114,6 +124,9 @@ def _stop_on_signals(trainer: Trainer):
 def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None) -> TrainResult:
     """Train (or continue with ``args.resume`` / ``args.resume_from``), save
     the adapter and checkpoints to ``args.adapter_path`` and print a summary."""
+    if world is None:
+        launched = mx.distributed.init()
+        world = launched if launched.size() > 1 else None
     rank = world.rank() if world is not None else 0
     out = out or (lambda line: print(line, flush=True))
     say = out if rank == 0 else (lambda line: None)
@@ -127,6 +140,11 @@ def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None) -> Train
     resume = _find_checkpoint(args) if (args.resume or args.resume_from) else None
     if resume is not None:
         checkpoint.check_settings(resume[2]["settings"], settings(args, config))
+    else:
+        _check_fresh_output(adapter_path)
+    if world is not None:
+        say(f"data-parallel over {world.size()} processes: each takes {args.batch_size // world.size()} of the "
+            f"{args.batch_size} examples of every batch")
 
     model, tokenizer = load_base(model_name)
     mx.random.seed(args.seed)
@@ -155,17 +173,21 @@ def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None) -> Train
         path, arrays, meta = resume
         trainer.restore(arrays, meta)
         say(f"resuming from {path} at iteration {trainer.iteration} of {args.iters}")
-    elif rank == 0:
+    else:
+        _barrier(world)  # every process has checked the output folder before it changes
+        if rank == 0:
+            _clear_finished_run(adapter_path)
+    if rank == 0:
         adapter_path.mkdir(parents=True, exist_ok=True)
-        _prepare_fresh_output(adapter_path)
     trainer.metrics = MetricsLog(adapter_path / "metrics.jsonl", enabled=rank == 0)
     extra = {"drlora_training": {**vars(args), "model": model_name, "data": data}}
     saved_at = []
 
     def on_save(it: int) -> None:
+        arrays, meta = trainer.checkpoint_state()
+        mx.eval(arrays)  # collectives are lazy: every process must evaluate its part
         if rank == 0:
             save_adapter(drlora, adapter_path, model_name, extra=extra)
-            arrays, meta = trainer.checkpoint_state()
             meta["settings"] = settings(args, config)
             pause = float(os.environ.get("DRLORA_MLX_FAULT_SLOW_SAVE", "0") or 0)
             checkpoint.save(adapter_path, it, arrays, meta, keep=args.keep_checkpoints, pause=pause)

@@ -32,6 +32,16 @@ from .progress import MetricsLog, Progress
 LR_SCHEDULES = ("linear", "cosine", "constant")
 
 
+class DivergenceError(RuntimeError):
+    """Data-parallel processes hold different rank masks."""
+
+    def __init__(self, step: int, rank: int):
+        super().__init__(
+            f"processes disagree on the rank masks after the growth event at optimizer step {step} "
+            f"(seen by process {rank}); stopped instead of training on diverged replicas"
+        )
+
+
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN or infinite."""
 
@@ -117,8 +127,14 @@ def learning_rate_schedule(args: TrainingArgs, warmup_steps: int):
 
 
 def make_loss(drlora: DRLoRA, record: bool = True):
-    """mlx-lm's masked next-token loss, also returning the step's routing sums
-    (zeros when ``record`` is False: uniform LoRA needs no statistics)."""
+    """mlx-lm's masked next-token cross-entropy, as a *sum* over the loss
+    tokens, with their count and the batch's routing sums (zeros when
+    ``record`` is False: uniform LoRA needs no statistics).
+
+    Gradients of the sum, added over micro-batches and processes and divided by
+    the total token count, are the token-weighted mean over the whole
+    optimizer step, however it is split.
+    """
 
     def loss(model, batch, lengths):
         inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -131,10 +147,8 @@ def make_loss(drlora: DRLoRA, record: bool = True):
         else:
             logits = model(inputs)
             routing = mx.zeros((drlora.n_layers, drlora.n_experts))
-        n_tokens = mask.sum()
-        # A batch without loss tokens (all prompt) contributes nothing rather than 0/0.
-        ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / mx.maximum(n_tokens, 1)
-        return ce, n_tokens, routing
+        ce_sum = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
+        return ce_sum, mask.sum(), routing
 
     return loss
 
@@ -212,6 +226,8 @@ class Trainer:
         self.skipped = 0  # batches skipped for non-finite values
         self.stop_requested = False  # set from a signal handler: stop after this iteration
         self._nan_at = {int(i) for i in os.environ.get("DRLORA_MLX_FAULT_NAN_AT", "").split(",") if i.strip()}
+        diverge = os.environ.get("DRLORA_MLX_FAULT_DIVERGE_RANK", "")
+        self._diverge_at_rank = int(diverge) if diverge.strip() else None
         if args.grad_checkpoint:
             grad_checkpoint(model)
 
@@ -231,34 +247,36 @@ class Trainer:
             }
         return self.steps[key][kind]
 
+    def _all_sum(self, x):
+        return mx.distributed.all_sum(x, group=self.world) if self.world_size > 1 else x
+
     def _grad_step(self, batch, lengths, accum):
-        """Loss, gradients and routing sums of one batch, added to ``accum``;
-        also whether they are all finite."""
+        """Gradients and routing sums of this process's share of a batch, added
+        to ``accum``; also the batch's mean loss and token count over all
+        processes, and whether everything is finite everywhere."""
         self.traces += 1  # runs only while tracing
-        (loss, n_tokens, routing), grads = self.loss_and_grad(self.model, batch, lengths)
+        (ce_sum, n_tokens, routing), grads = self.loss_and_grad(self.model, batch, lengths)
         grads = dict(tree_flatten(grads))  # flat {path: gradient}: saves and restores as is
-        finite = mx.isfinite(loss)
+        bad = mx.logical_not(mx.isfinite(ce_sum))
         for g in grads.values():
-            finite = mx.logical_and(finite, mx.isfinite(g).all())
+            bad = mx.logical_or(bad, mx.logical_not(mx.isfinite(g).all()))
+        totals = self._all_sum(mx.stack([ce_sum, n_tokens.astype(mx.float32), bad.astype(mx.float32)]))
+        loss = totals[0] / mx.maximum(totals[1], 1.0)
         if accum is not None:
             grads = {k: g + accum[0][k] for k, g in grads.items()}
             routing = routing + accum[1]
-            n_total = n_tokens + accum[2]
-        else:
-            n_total = n_tokens
-        return loss, n_tokens, finite, (grads, routing, n_total)
+            n_tokens = n_tokens + accum[2]
+        return loss, totals[1], totals[2] == 0, (grads, routing, n_tokens)
 
     def _update_step(self, accum):
-        """The optimizer update of an accumulation cycle, after the statistics."""
+        """The optimizer update of an accumulation cycle, after the statistics:
+        gradient and routing sums over every micro-batch and process, divided
+        by their token count."""
         self.traces += 1
         flat, routing, n_tokens = accum
-        grads = tree_unflatten(list(flat.items()))
-        if self.world_size > 1:
-            grads = nn.average_gradients(grads)
-            routing = mx.distributed.all_sum(routing)
-            n_tokens = mx.distributed.all_sum(n_tokens)
-        if self.args.grad_accumulation_steps > 1:
-            grads = tree_map(lambda g: g / self.args.grad_accumulation_steps, grads)
+        n_tokens = mx.maximum(self._all_sum(n_tokens).astype(mx.float32), 1.0)
+        grads = tree_unflatten([(k, self._all_sum(g) / n_tokens) for k, g in flat.items()])
+        routing = self._all_sum(routing)
         if self.schedule.n_events:  # uniform LoRA never grows: no statistics to keep
             self.drlora.update_statistics(grads, routing, n_tokens)
         before = self.drlora.factors() if self.args.weight_decay > 0 else None
@@ -281,13 +299,11 @@ class Trainer:
         loss_fn = make_loss(self.drlora, record=False)
         for batch, lengths in eval_batches(dataset, self.args.batch_size, self.args.max_seq_length, batches,
                                            self.rank, self.world_size):
-            loss, n, _ = loss_fn(self.model, mx.array(batch), mx.array(lengths))
-            total = total + loss * n
+            ce_sum, n, _ = loss_fn(self.model, mx.array(batch), mx.array(lengths))
+            total = total + ce_sum
             count = count + n
             mx.eval(total, count)
-        if self.world_size > 1:
-            total = mx.distributed.all_sum(total, stream=mx.cpu)
-            count = mx.distributed.all_sum(count, stream=mx.cpu)
+        total, count = self._all_sum(total), self._all_sum(count)
         self.model.train()
         return (total / mx.maximum(count, 1)).item()
 
@@ -326,9 +342,28 @@ class Trainer:
             tic = time.perf_counter()
             event = self.drlora.grow(opt_step, self.schedule)
             if event is not None:
+                if self.world_size > 1:
+                    self._check_agreement(opt_step)
                 self.mean_rank = float(self.drlora.ranks().mean())
                 self.grow_seconds = time.perf_counter() - tic
         return loss.item(), int(n_tokens.item()), event
+
+    def _check_agreement(self, step: int) -> None:
+        """Every process must hold the same rank masks after a growth event:
+        compare a fingerprint of them (two integer checksums) across processes."""
+        ranks = self.drlora.ranks()
+        if self._diverge_at_rank == self.rank:  # test hook: one process grows differently
+            ranks[0, 0] = min(ranks[0, 0] + 1, self.drlora.r_max)
+            self.drlora.set_ranks(ranks)
+            self._diverge_at_rank = None
+        weights = np.arange(1, ranks.size + 1, dtype=np.int64)
+        flat = ranks.ravel().astype(np.int64)
+        fingerprint = mx.array([int((flat * weights).sum() % 2_000_003), int((flat * flat).sum() % 2_000_003)],
+                               dtype=mx.int32)
+        low = mx.distributed.all_min(fingerprint, group=self.world, stream=mx.cpu)
+        high = mx.distributed.all_max(fingerprint, group=self.world, stream=mx.cpu)
+        if not mx.array_equal(low, high).item():
+            raise DivergenceError(step, self.rank)
 
     @contextmanager
     def _fault(self, iteration: int):
@@ -361,9 +396,10 @@ class Trainer:
         arrays["state.routing.seen"] = drlora.state.seen
         arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
         if self.accum is not None:
+            # Sums over every process, so a run with another process count can continue it.
             grads, routing, n_tokens = self.accum
-            arrays.update({f"accum.grads.{k}": v for k, v in grads.items()})
-            arrays["accum.routing"], arrays["accum.tokens"] = routing, n_tokens
+            arrays.update({f"accum.grads.{k}": self._all_sum(v) for k, v in grads.items()})
+            arrays["accum.routing"], arrays["accum.tokens"] = self._all_sum(routing), self._all_sum(n_tokens)
         meta = {
             "iteration": self.iteration,
             "router_trained": self.router_trained,
@@ -395,6 +431,8 @@ class Trainer:
         self.optimizer.init(self.model.trainable_parameters())  # adds the empty branches flattening dropped
         grads = [(k[len("accum.grads."):], v) for k, v in arrays.items() if k.startswith("accum.grads.")]
         self.accum = (dict(grads), arrays["accum.routing"], arrays["accum.tokens"]) if grads else None
+        if self.accum is not None and self.rank != 0:  # the saved sums count once, on process 0
+            self.accum = tree_map(mx.zeros_like, self.accum)
         self.iteration = int(meta["iteration"])
         self.batch_state = dict(meta["batches"])
         self.skipped = int(meta.get("skipped", 0))
@@ -442,7 +480,7 @@ class Trainer:
             lr = float(self.optimizer.learning_rate.item())
             peak = mx.get_peak_memory() / 1e9
             if it % args.steps_per_report == 0 or it == args.iters:
-                tokens = report_tokens * self.world_size
+                tokens = report_tokens  # already counted over every process
                 record = {
                     "kind": "train",
                     "step": it,

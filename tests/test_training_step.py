@@ -45,8 +45,9 @@ def test_importance_and_frequency_equal_float64_recomputation(tiny_models, famil
 
     for path, m in drlora.expert_modules():
         a, bb = params[path]
-        ga = (_np(grads[0][f"{path}.lora_a"]) + _np(grads[1][f"{path}.lora_a"])) / 2
-        gb = (_np(grads[0][f"{path}.lora_b"]) + _np(grads[1][f"{path}.lora_b"])) / 2
+        # The step's gradient: the token-weighted mean over both micro-batches.
+        ga = (_np(grads[0][f"{path}.lora_a"]) + _np(grads[1][f"{path}.lora_a"])) / tokens
+        gb = (_np(grads[0][f"{path}.lora_b"]) + _np(grads[1][f"{path}.lora_b"])) / tokens
         s = np.abs(ga * a).sum(-1) * np.abs(gb * bb).sum(-2)
         want = (1 - beta) * s
         assert np.allclose(_np(m.importance), want, rtol=1e-4, atol=1e-12)

@@ -1,0 +1,114 @@
+"""Data-parallel DR-LoRA over mx.distributed's ring backend on localhost."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from drlora_mlx import checkpoint
+
+from .helpers import SHAPE
+
+LAUNCH = [os.path.join(os.path.dirname(sys.executable), "mlx.launch"), "--backend", "ring", "-n", "2",
+          "--python", sys.executable]
+TRAIN = ["-m", "drlora_mlx", "train", "--iters", "36", "--batch-size", "4", "--learning-rate", "5e-3",
+         "--grad-accumulation-steps", "2", "--r-init", "2", "--r-target", "4", "--r-max", "8",
+         "--steps-per-report", "1", "--steps-per-eval", "1000", "--mask-prompt"]
+
+
+def _run(cmd, env=None, timeout=600):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def _losses(adapter_path):
+    rows = [json.loads(l) for l in (adapter_path / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def _state(adapter_path):
+    return {k: np.asarray(v) for k, v in mx.load(str(adapter_path / "drlora_state.safetensors")).items()}
+
+
+def _adapter(adapter_path):
+    return {k: np.asarray(v) for k, v in mx.load(str(adapter_path / "adapters.safetensors")).items()}
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tiny_models, tmp_path_factory):
+    """The same run in one process and in two (same data, same global batch)."""
+    model = str(tiny_models("qwen3_moe", shape=SHAPE))
+    root = tmp_path_factory.mktemp("dp")
+    single = _run([sys.executable, *TRAIN, "--model", model, "--adapter-path", str(root / "one")])
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = _run([*LAUNCH, *TRAIN, "--model", model, "--adapter-path", str(root / "two"), "--save-every", "21",
+                   "--keep-checkpoints", "3"])
+    assert double.returncode == 0, (double.stdout[-2000:], double.stderr[-2000:])
+    return model, root, double
+
+
+def test_two_processes_follow_the_one_process_run(one_and_two):
+    _, root, double = one_and_two
+    assert "data-parallel over 2 processes" in double.stdout
+    assert double.stdout.count("drlora on qwen3_moe") == 1  # only process 0 prints
+    one, two = _losses(root / "one"), _losses(root / "two")
+    assert len(one) == len(two) == 36
+    assert np.allclose(one, two, rtol=1e-4, atol=1e-5)
+    masks_one = {k: v for k, v in _state(root / "one").items() if k.endswith("rank_mask")}
+    masks_two = {k: v for k, v in _state(root / "two").items() if k.endswith("rank_mask")}
+    assert masks_one.keys() == masks_two.keys()
+    for k in masks_one:
+        assert np.array_equal(masks_one[k], masks_two[k]), k
+    ranks = np.concatenate([m.sum(-1) for m in masks_one.values()])
+    assert ranks.min() == 2 and ranks.max() > 4  # growth happened
+    # Summation order differs between one and two processes; AdamW's per-element
+    # normalisation lets those float differences grow to ~1e-5 in the weights.
+    a, b = _adapter(root / "one"), _adapter(root / "two")
+    assert max(np.abs(a[k] - b[k]).max() for k in a) < 2e-4
+
+
+def test_every_process_ends_identical(tiny_models, tmp_path):
+    model = str(tiny_models("qwen3_moe", shape=SHAPE))
+    worker = str(Path(__file__).with_name("distributed_worker.py"))
+    run = _run([*LAUNCH, worker, model, str(tmp_path)], env={"PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    r0 = mx.load(str(tmp_path / "rank0.safetensors"))
+    r1 = mx.load(str(tmp_path / "rank1.safetensors"))
+    assert r0.keys() == r1.keys() and r0["events"].item() > 3
+    for k in r0:
+        assert mx.array_equal(r0[k], r1[k]), k
+
+
+def test_a_diverged_mask_is_caught_at_the_next_growth_event(tiny_models, tmp_path):
+    model = str(tiny_models("qwen3_moe", shape=SHAPE))
+    run = _run([*LAUNCH, *TRAIN, "--model", model, "--adapter-path", str(tmp_path / "a")],
+               env={"DRLORA_MLX_FAULT_DIVERGE_RANK": "1"})
+    # mlx.launch itself exits 0; it reports each process's exit code (and may
+    # stop the other process once one has exited).
+    assert "exited with code 4" in run.stderr and "exited with code 0" not in run.stderr
+    assert "processes disagree on the rank masks after the growth event at optimizer step" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_two_process_checkpoint_resumes_in_one_process(one_and_two, tmp_path):
+    model, root, _ = one_and_two
+    saved = [p.name for p in checkpoint.complete(root / "two")]
+    assert "step-0000021" in saved  # mid accumulation cycle
+    resumed = tmp_path / "resumed"
+    run = _run([sys.executable, *TRAIN, "--model", model, "--adapter-path", str(resumed),
+                "--resume-from", str(checkpoint.checkpoint_dir(root / "two") / "step-0000021")])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "at iteration 21 of 36" in run.stdout
+    want, got = _state(root / "two"), _state(resumed)
+    for k in want:
+        if k.endswith("rank_mask"):
+            assert np.array_equal(want[k], got[k]), k
+    a, b = _adapter(root / "two"), _adapter(resumed)
+    assert max(np.abs(a[k] - b[k]).max() for k in a) < 2e-4
+    assert np.allclose(_losses(root / "two")[21:], _losses(resumed), rtol=1e-4, atol=1e-5)
