@@ -23,9 +23,13 @@ def ours(model, adapter=None) -> np.ndarray:
     return np.array(m(mx.array(TOKENS)))
 
 
-def theirs(model) -> np.ndarray:
-    """transformers' logits for TOKENS."""
+def theirs(model, adapter=None) -> np.ndarray:
+    """transformers' logits for TOKENS, with a PEFT adapter when given."""
     m = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, str(adapter))
     with torch.no_grad():
         return m.eval()(torch.tensor(TOKENS)).logits.numpy()
 
