@@ -32,11 +32,13 @@ def _bad_input_types() -> tuple:
     from .data import DataError
     from .export import ExportError
     from .families import UnsupportedModelError
+    from .fuse import FuseError
+    from .hf_checkpoint import CheckpointError
     from .modelio import ModelError
     from .schedule import ScheduleError
 
     return (InputError, ConfigError, DataError, ModelError, ScheduleError, AdapterError, UnsupportedModelError,
-            ExportError)
+            ExportError, FuseError, CheckpointError)
 
 
 def _fail(message: str) -> None:
@@ -295,6 +297,20 @@ def export(adapter_path, out, fmt, layout, as_json):
         click.echo(json.dumps({**asdict(report), "out": str(report.out)}))
     else:
         click.echo(report.summary())
+
+
+@cli.command()
+@click.option("--model", default=None, help="Base model (default: the model the adapter was trained on).")
+@click.option("--adapter-path", default="adapters", show_default=True, help="A drlora-mlx adapter directory.")
+@click.option("--save-path", required=True, help="Directory to write the fused model to.")
+@click.option("--dequantize", is_flag=True, help="Write the whole model in float (transformers reads it).")
+@click.option("--requantize", is_flag=True,
+              help="Quantize the merged layers again with the base's settings; prints the error it introduces.")
+def fuse(model, adapter_path, save_path, dequantize, requantize):
+    """Merge the adapter (and a trained router) into the base model and save it."""
+    from .fuse import fuse as fuse_model
+
+    click.echo(fuse_model(model, adapter_path, save_path, dequantize=dequantize, requantize=requantize).summary())
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,5 @@
-"""PEFT export and import, checked by loading the results in real transformers
-and PEFT: logits must equal drlora-mlx's.
+"""PEFT export and import, and fuse, checked by loading the results in real
+transformers and PEFT: logits must equal drlora-mlx's.
 
 Tiny checkpoints in the Hugging Face layout are trained with ``drlora-mlx
 train`` (heterogeneous ranks, router trained). With DRLORA_TF4_PYTHON set to an
@@ -9,6 +9,7 @@ loaded there (``.ci/run`` makes one).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import torch
 import transformers
 from mlx_lm import load as mlx_lm_load
+from peft import PeftModel
 from safetensors.numpy import load_file, save_file
 
 from drlora_mlx.adapters import AdapterError, read_ranks, save_adapter
@@ -28,6 +30,7 @@ from drlora_mlx.cli import main
 from drlora_mlx.config import DRLoRAConfig
 from drlora_mlx.export import EXPORT_INFO, PEFT_CONFIG, PEFT_WEIGHTS, export_peft, import_peft, read_export
 from drlora_mlx.families import FAMILIES
+from drlora_mlx.fuse import probe_inputs
 
 from .helpers import SHAPE, heterogeneous_ranks, randomize_b
 from .test_cli import run_cli
@@ -176,6 +179,30 @@ def test_trained_router_survives_the_export(trained, tmp_path):
     assert np.abs(theirs(model, stripped) - want).max() > 100 * TOL
 
 
+@pytest.mark.parametrize("family", REQUIRED)
+def test_merge_and_unload_equals_drlora_fuse(trained, tmp_path, capsys, family):
+    model, adapter = trained(family)
+    export_peft(adapter, tmp_path / "p")
+    fused = tmp_path / "fused"
+    code, out, err = run_cli(["fuse", "--adapter-path", str(adapter), "--save-path", str(fused)], capsys)
+    assert code == 0, err
+    merged = PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32), str(tmp_path / "p")
+    ).merge_and_unload()
+    with torch.no_grad():
+        merged_logits = merged(torch.tensor(TOKENS)).logits.numpy()
+    m, _ = mlx_lm_load(str(fused))
+    assert np.abs(np.array(m(mx.array(TOKENS))) - merged_logits).max() < TOL
+    if family == "gpt_oss":  # float gpt-oss experts: mlx-lm's layout only, and the run says so
+        assert "read by mlx-lm only" in out
+        return
+    assert "read by mlx-lm and transformers" in out
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(fused), dtype=torch.float32).state_dict()
+    expected = merged.state_dict()
+    assert reloaded.keys() == expected.keys()
+    assert max((reloaded[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
+
+
 @pytest.mark.parametrize("family,layout", [(f, "fused") for f in REQUIRED] + [("deepseek_v3", "per-expert")])
 def test_export_import_export_gives_identical_files(trained, tmp_path, family, layout):
     model, adapter = trained(family)
@@ -214,6 +241,54 @@ def test_per_expert_export_loads_on_transformers_4(trained, synthetic, tmp_path)
         assert np.abs(ours(model) - want).max() > 1000 * TOL
 
 
+def _requantization(out: str) -> tuple[float, float]:
+    m = re.search(r"changes the logits by ([\d.]+) on average \(max ([\d.]+)\)", out)
+    return float(m[1]), float(m[2])
+
+
+def test_fuse_into_a_quantized_base_never_loses_the_update(tiny_models, tmp_path, capsys):
+    model = tiny_models("qwen3_moe", shape=SHAPE, quantize_bits=4)
+    adapter = tmp_path / "adapter"
+    main(["train", "--model", str(model), "--adapter-path", str(adapter), *TRAIN, "--train-router", "always",
+          "--attention-rank", "2"])
+    want = ours(model, adapter)
+    assert np.abs(ours(model) - want).max() > 1000 * TOL
+
+    code, out, err = run_cli(["fuse", "--adapter-path", str(adapter), "--save-path", str(tmp_path / "kept")], capsys)
+    assert code == 0, err
+    assert "merged layers kept in float" in out and "read by mlx-lm only" in out
+    assert np.abs(ours(tmp_path / "kept") - want).max() < TOL
+
+    code, out, err = run_cli(["fuse", "--adapter-path", str(adapter), "--save-path", str(tmp_path / "float"),
+                              "--dequantize"], capsys)
+    assert code == 0, err
+    assert "read by mlx-lm and transformers" in out
+    assert np.abs(ours(tmp_path / "float") - want).max() < TOL
+    assert np.abs(theirs(tmp_path / "float") - want).max() < TOL
+
+    code, out, err = run_cli(["fuse", "--adapter-path", str(adapter), "--save-path", str(tmp_path / "q"),
+                              "--requantize"], capsys)
+    assert code == 0, err
+    mean, worst = _requantization(out)
+    # The printed estimate is what the saved model does on the same inputs.
+    fused, tokenizer = mlx_lm_load(str(tmp_path / "q"))
+    adapted, _, _ = drlora_load(str(model), adapter)
+    probe = probe_inputs(tokenizer)
+    diff = np.abs(np.array(fused(probe)) - np.array(adapted(probe)))
+    assert mean > 0 and abs(diff.mean() - mean) < 1e-4 and abs(diff.max() - worst) < 1e-4
+    quantized = [k for k in mx.load(str(tmp_path / "q" / "model.safetensors")) if k.endswith("switch_mlp.up_proj.scales")]
+    assert len(quantized) == SHAPE.layers
+
+
+def test_gpt_oss_requantized_to_mxfp4_reads_alike_in_both(trained, tmp_path, capsys):
+    model, adapter = trained("gpt_oss")
+    code, out, err = run_cli(["fuse", "--adapter-path", str(adapter), "--save-path", str(tmp_path / "q"),
+                              "--requantize"], capsys)
+    assert code == 0, err
+    assert "read by mlx-lm and transformers" in out and _requantization(out)[0] > 0
+    assert np.abs(theirs(tmp_path / "q") - ours(tmp_path / "q")).max() < TOL
+
+
 def _one_line_exit_2(argv, capsys, message):
     code, _, err = run_cli(argv, capsys)
     lines = err.strip().splitlines()
@@ -228,7 +303,7 @@ def test_refusals_are_one_line_and_exit_2(trained, synthetic, tmp_path, capsys):
     for name in ("adapters.safetensors", "adapter_config.json"):
         shutil.copy(adapter / name, stock / name)
     export_peft(adapter, tmp_path / "peft")
-    qwen2_adapter = trained("qwen2_moe")[1]
+    qwen2, qwen2_adapter = trained("qwen2_moe")
     cases = [
         (["export", "--adapter-path", str(stock)], "is not a drlora-mlx adapter directory"),
         (["export", "--adapter-path", str(tmp_path / "peft")], "is not a drlora-mlx adapter directory"),
@@ -243,10 +318,18 @@ def test_refusals_are_one_line_and_exit_2(trained, synthetic, tmp_path, capsys):
         (["export", "--adapter-path", str(trained("mixtral")[1]), "--layout", "per-expert"],
          "cannot carry the trained router"),
         (["export", "--adapter-path", str(adapter), "--format", "gguf"], "'gguf' is not 'peft'"),
+        (["fuse", "--adapter-path", str(stock), "--save-path", str(tmp_path / "f")],
+         "is not a drlora-mlx adapter directory"),
+        (["fuse", "--adapter-path", str(adapter), "--save-path", str(tmp_path / "f"), "--requantize"],
+         "is not quantized: there is nothing to re-quantize"),
+        (["fuse", "--adapter-path", str(adapter), "--save-path", str(tmp_path / "f"), "--requantize", "--dequantize"],
+         "exclude each other"),
+        (["fuse", "--model", str(qwen2), "--adapter-path", str(adapter), "--save-path", str(tmp_path / "f")],
+         "was trained on a qwen3_moe model"),
     ]
     for argv, message in cases:
         _one_line_exit_2([*argv, "--out", str(tmp_path / "out")] if argv[0] == "export" else argv, capsys, message)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "f").exists()
 
 
 def test_import_refuses_what_export_did_not_write(trained, tmp_path):
