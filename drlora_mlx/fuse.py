@@ -46,13 +46,16 @@ class FuseReport:
     float_bytes: int  # merged layers kept in float
     quantized_bytes: int  # what those layers took quantized in the base (0 for a float base)
     total_bytes: int
+    dequantized: bool = False
     requantization: dict | None = None  # logit changes measured on the probe inputs
 
     def summary(self) -> str:
         mb = 1 / 2**20
         lines = [f"fused the adapter into {self.merged_layers} layers and saved the model to {self.save_path}/ "
                  f"({self.total_bytes * mb:,.1f} MB; read by {self.readers})"]
-        if self.quantized_bytes and not self.requantization:
+        if self.dequantized:
+            lines.append("  the whole model is in float (--dequantize)")
+        elif self.quantized_bytes and not self.requantization:
             lines.append(f"  merged layers kept in float: {self.float_bytes * mb:,.1f} MB (quantized in the base: "
                          f"{self.quantized_bytes * mb:,.1f} MB); --requantize to quantize them again")
         if self.requantization:
@@ -158,6 +161,7 @@ def fuse(model: str | None, adapter_path: str, save_path: str, dequantize: bool 
         report.requantization = _logit_change(base(probe), adapted_logits, base_logits)
     if dequantize:
         dequantize_model(base)
+        report.dequantized = quantized
     weights = dict(tree_flatten(base.parameters()))
     report.total_bytes = sum(v.nbytes for v in weights.values())
     config = json.loads((model_dir(model) / "config.json").read_text())

@@ -199,8 +199,11 @@ def test_merge_and_unload_equals_drlora_fuse(trained, tmp_path, capsys, family):
     assert "read by mlx-lm and transformers" in out
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(fused), dtype=torch.float32).state_dict()
     expected = merged.state_dict()
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).state_dict()
     assert reloaded.keys() == expected.keys()
     assert max((reloaded[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
+    changed = [k for k in expected if (expected[k] - base[k]).abs().max().item() > 1e-3]
+    assert any("experts" in k for k in changed) and any(".gate." in k for k in changed)  # experts and router
 
 
 @pytest.mark.parametrize("family,layout", [(f, "fused") for f in REQUIRED] + [("deepseek_v3", "per-expert")])
@@ -262,7 +265,7 @@ def test_fuse_into_a_quantized_base_never_loses_the_update(tiny_models, tmp_path
     code, out, err = run_cli(["fuse", "--adapter-path", str(adapter), "--save-path", str(tmp_path / "float"),
                               "--dequantize"], capsys)
     assert code == 0, err
-    assert "read by mlx-lm and transformers" in out
+    assert "read by mlx-lm and transformers" in out and "the whole model is in float" in out
     assert np.abs(ours(tmp_path / "float") - want).max() < TOL
     assert np.abs(theirs(tmp_path / "float") - want).max() < TOL
 
