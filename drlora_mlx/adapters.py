@@ -217,7 +217,7 @@ def load_into(model: nn.Module, adapter_path: str | os.PathLike) -> DRLoRA:
     for path, module in drlora.expert_modules():
         module.lora_a = weights[f"{path}.lora_a"][:, : module.r_max]
         module.lora_b = weights[f"{path}.lora_b"][..., : module.r_max]
-        module.rank_mask = state[f"{path}.rank_mask"]
+        module.set_ranks(np.asarray(state[f"{path}.rank_mask"].sum(axis=-1)).astype(np.int64))
         module.importance = state[f"{path}.importance"]
     for path, lora in drlora.extra_loras:
         r = lora.lora_a.shape[1]

@@ -162,7 +162,6 @@ class DRLoRA:
         self.notes: list[str] = []
         self.state: RoutingState | None = None
         self.recorder: RoutingRecorder | None = None
-        self.width = config.ranks[2]  # computed width of the expert LoRA product
 
     # ----- shape of the adapter -------------------------------------------------
 
@@ -231,8 +230,16 @@ class DRLoRA:
             width = min(width, r_max)
         for _, module in self.expert_modules():
             module.width = width
-        self.width = width
         return width
+
+    @property
+    def width(self) -> int:
+        """The widest LoRA product of any expert module."""
+        return max(self.widths())
+
+    def widths(self) -> tuple[int, ...]:
+        """Every expert module's LoRA width (a compiled step is made for one such tuple)."""
+        return tuple(m.width for _, m in self.expert_modules())
 
     def rank_importance(self) -> np.ndarray:
         """Per-rank importance EMAs: (layers, modules, r_max)."""

@@ -33,12 +33,15 @@ def _bad_input_types() -> tuple:
     from .adapters import AdapterError
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .export import ExportError
     from .families import UnsupportedModelError
+    from .fuse import FuseError
+    from .hf_checkpoint import HFLayoutError
     from .modelio import ModelError
     from .schedule import ScheduleError
 
     return (InputError, ConfigError, DataError, ModelError, ScheduleError, AdapterError, UnsupportedModelError,
-            CheckpointError)
+            CheckpointError, ExportError, FuseError, HFLayoutError)
 
 
 def _fail(message: str) -> None:
@@ -288,6 +291,42 @@ def ranks(adapter_path, as_json, png_path):
         rank_heatmap_png(png_path, panels, info["r_init"], info["r_max"])
         if not as_json:
             click.echo(f"wrote {png_path}")
+
+
+@cli.command()
+@click.option("--adapter-path", default="adapters", show_default=True, help="A drlora-mlx adapter directory.")
+@click.option("--out", required=True, help="Directory to write the exported adapter to.")
+@click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True,
+              help="Export format: Hugging Face PEFT LoRA.")
+@click.option("--layout", type=click.Choice(["fused", "per-expert"]), default="fused", show_default=True,
+              help="fused: experts as fused parameters (transformers >= 5); per-expert: one module per expert "
+                   "(transformers 4.x).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as one JSON object.")
+def export(adapter_path, out, fmt, layout, as_json):
+    """Export a trained adapter for PEFT / transformers (and from there vLLM, TGI, the Hub)."""
+    from dataclasses import asdict
+
+    from .export import export_peft
+
+    report = export_peft(adapter_path, out, layout)
+    if as_json:
+        click.echo(json.dumps({**asdict(report), "out": str(report.out)}))
+    else:
+        click.echo(report.summary())
+
+
+@cli.command()
+@click.option("--model", default=None, help="Base model (default: the model the adapter was trained on).")
+@click.option("--adapter-path", default="adapters", show_default=True, help="A drlora-mlx adapter directory.")
+@click.option("--save-path", required=True, help="Directory to write the fused model to.")
+@click.option("--dequantize", is_flag=True, help="Write the whole model in float (transformers reads it).")
+@click.option("--requantize", is_flag=True,
+              help="Quantize the merged layers again with the base's settings; prints the error it introduces.")
+def fuse(model, adapter_path, save_path, dequantize, requantize):
+    """Merge the adapter (and a trained router) into the base model and save it."""
+    from .fuse import fuse as fuse_model
+
+    click.echo(fuse_model(model, adapter_path, save_path, dequantize=dequantize, requantize=requantize).summary())
 
 
 def main(argv=None) -> None:

@@ -76,8 +76,11 @@ class MaskedLoRASwitchLinear(nn.Module):
         return np.asarray(self.rank_mask.sum(axis=-1)).astype(np.int64)
 
     def set_ranks(self, ranks) -> None:
-        """Activate the first ranks[e] ranks of every expert e."""
+        """Activate the first ranks[e] ranks of every expert e. A width too
+        narrow for them falls back to r_max (``DRLoRA.fit_width`` narrows it again)."""
         self.rank_mask = prefix_mask(ranks, self.r_max)
+        if int(np.max(ranks)) > self.width:
+            self.width = self.r_max
 
     def __call__(self, x, indices, sorted_indices=False):
         y = self.linear(x, indices, sorted_indices=sorted_indices)
@@ -100,11 +103,14 @@ class MaskedLoRASwitchLinear(nn.Module):
         a, b = self.masked_factors()
         return self.scale * (b @ a)
 
-    def fuse(self, dequantize: bool = True) -> nn.Module:
-        """The base layer with the update merged in, as a float ``SwitchLinear``
-        (or quantized again with the base's settings when ``dequantize`` is False)."""
+    def fuse(self, dequantize: bool = True, dtype: mx.Dtype | None = None) -> nn.Module:
+        """The base layer with the update merged in, as a float ``SwitchLinear`` in
+        ``dtype`` (default: the base weight's), or quantized again with the base's
+        settings when ``dequantize`` is False."""
         linear = self.linear
         weight = dequantized_weight(linear)
+        if dtype is not None:
+            weight = weight.astype(dtype)  # MXFP4 dequantizes to bfloat16 whatever the model's dtype
         n_experts, out_dims, in_dims = weight.shape
         fused = SwitchLinear(in_dims, out_dims, n_experts, bias="bias" in linear)
         fused.weight = weight + self.delta().astype(weight.dtype)

@@ -37,3 +37,11 @@ def load_base(model: str):
     except Exception as e:  # a broken or unsupported checkpoint: say so in one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"model {model!r} could not be loaded: {first}") from None
+
+
+def model_dir(model: str) -> Path:
+    """The local folder of a model ``load_base`` has loaded (a path, or the Hub cache's snapshot)."""
+    from mlx_lm.utils import hf_repo_to_path
+
+    path = Path(model).expanduser()
+    return path if path.exists() else hf_repo_to_path(model)

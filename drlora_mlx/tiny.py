@@ -2,9 +2,11 @@
 
 ``build_tiny(family, path)`` writes a real checkpoint directory (config.json,
 model.safetensors in mlx-lm's layout, a byte-level BPE tokenizer with a ChatML
-template) that ``mlx_lm.load`` reads like any model from the Hub. Tests,
-scripts and the built-in default of ``drlora-mlx train`` use it; nothing is
-downloaded.
+template) that ``mlx_lm.load`` reads like any model from the Hub. With
+``layout="hf"`` the weights are in the Hugging Face layout instead, which
+transformers reads too (gpt-oss with MXFP4 experts, like the released models).
+Tests, scripts and the built-in default of ``drlora-mlx train`` use it;
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .families import FAMILIES
+from .hf_checkpoint import save_hf_checkpoint
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -204,11 +207,18 @@ def build_tiny(
     seed: int = 0,
     quantize_bits: int | None = None,
     group_size: int = 32,
+    layout: str = "mlx",
 ) -> Path:
     """Write a tiny ``family`` checkpoint to ``path`` and return the path.
 
     ``quantize_bits`` (4 or 8) quantizes it the way ``mlx_lm.convert -q`` does.
+    ``layout``: "mlx" (mlx-lm's stacked experts) or "hf" (the Hugging Face
+    layout that transformers also reads; float, gpt-oss experts in MXFP4).
     """
+    if layout not in ("mlx", "hf"):
+        raise ValueError(f"layout must be 'mlx' or 'hf', got {layout!r}")
+    if layout == "hf" and quantize_bits is not None:
+        raise ValueError("the Hugging Face layout is written in float: transformers does not read MLX quantization")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = _family_config(family, shape)
@@ -220,13 +230,27 @@ def build_tiny(
         from mlx_lm.utils import quantize_model
 
         model, config = quantize_model(model, config, group_size=group_size, bits=quantize_bits)
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    if "quantization" in config:
-        config["quantization_config"] = config["quantization"]
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if layout == "hf":
+        if family == "gpt_oss":
+            _mxfp4_experts(model, config)
+        save_hf_checkpoint(path, family, dict(tree_flatten(model.parameters())), config)
+    else:
+        weights = dict(tree_flatten(model.parameters()))
+        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+        if "quantization" in config:
+            config["quantization_config"] = config["quantization"]
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     build_tokenizer(_corpus(), shape.vocab, path)
     return path
+
+
+def _mxfp4_experts(model: nn.Module, config: dict) -> None:
+    """Quantize the routed experts to MXFP4, as the released gpt-oss checkpoints store them."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    settings = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    nn.quantize(model, **settings, class_predicate=lambda _, m: isinstance(m, SwitchLinear))
+    config["quantization"] = settings
 
 
 def cache_dir() -> Path:
@@ -241,12 +265,13 @@ def tiny_model_path(
     shape: TinyShape = TinyShape(),
     seed: int = 0,
     quantize_bits: int | None = None,
+    layout: str = "mlx",
 ) -> Path:
     """The cached tiny checkpoint for these settings, built on first use."""
-    key = json.dumps(
-        {"v": BUILD_VERSION, "family": family, "shape": asdict(shape), "seed": seed, "q": quantize_bits},
-        sort_keys=True,
-    )
+    settings = {"v": BUILD_VERSION, "family": family, "shape": asdict(shape), "seed": seed, "q": quantize_bits}
+    if layout != "mlx":  # keeps the cache keys of mlx-layout checkpoints as they were
+        settings["layout"] = layout
+    key = json.dumps(settings, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = cache_dir() / f"tiny-{family}-{digest}"
     if (path / "config.json").exists():
@@ -255,7 +280,7 @@ def tiny_model_path(
     # Build aside and rename, so an interrupted build never leaves a half model.
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
-        build_tiny(family, tmp, shape, seed, quantize_bits)
+        build_tiny(family, tmp, shape, seed, quantize_bits, layout=layout)
         os.replace(tmp, path)
     except OSError:
         if not (path / "config.json").exists():

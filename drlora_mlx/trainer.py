@@ -239,7 +239,7 @@ class Trainer:
     def _compiled(self, kind: str):
         # Growth changes mask values only; new steps are traced only when the
         # trained set (router) or the LoRA width bucket changes.
-        key = (self.router_trained, self.drlora.width)
+        key = (self.router_trained, self.drlora.widths())
         if key not in self.steps:
             self.steps[key] = {
                 "grad": mx.compile(self._grad_step, inputs=self._state(), outputs=self._state()),
@@ -420,7 +420,7 @@ class Trainer:
             raise ValueError(f"checkpoint parameters do not fit this model: {', '.join(missing[:3])}")
         self.model.load_weights(list(params.items()), strict=False)
         for path, module in drlora.expert_modules():
-            module.rank_mask = arrays[f"state.{path}.rank_mask"]
+            module.set_ranks(np.asarray(arrays[f"state.{path}.rank_mask"].sum(axis=-1)).astype(np.int64))
             module.importance = arrays[f"state.{path}.importance"]
         drlora.state.frequency = arrays["state.routing.frequency"]
         drlora.state.seen = arrays["state.routing.seen"]

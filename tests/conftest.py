@@ -15,18 +15,18 @@ def offline_and_isolated(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """tiny_models(family, shape=..., quantize_bits=...) -> checkpoint path, built once per session."""
+    """tiny_models(family, shape=..., quantize_bits=..., layout=...) -> checkpoint path, built once per session."""
     from drlora_mlx.tiny import TinyShape, build_tiny
 
     root = tmp_path_factory.mktemp("models")
     built = {}
 
-    def get(family, shape=None, quantize_bits=None, seed=0):
+    def get(family, shape=None, quantize_bits=None, seed=0, layout="mlx"):
         shape = shape or TinyShape()
-        key = (family, shape, quantize_bits, seed)
+        key = (family, shape, quantize_bits, seed, layout)
         if key not in built:
             built[key] = build_tiny(family, root / f"{family}-{len(built)}", shape=shape, seed=seed,
-                                    quantize_bits=quantize_bits)
+                                    quantize_bits=quantize_bits, layout=layout)
         return built[key]
 
     return get
