@@ -215,9 +215,9 @@ def load_into(model: nn.Module, adapter_path: str | os.PathLike) -> DRLoRA:
     weights = mx.load(str(adapter_path / ADAPTER_WEIGHTS))
     state = mx.load(str(adapter_path / STATE_WEIGHTS))
     for path, module in drlora.expert_modules():
-        module.lora_a = weights[f"{path}.lora_a"][:, : module.r_max]
-        module.lora_b = weights[f"{path}.lora_b"][..., : module.r_max]
-        module.set_ranks(np.asarray(state[f"{path}.rank_mask"].sum(axis=-1)).astype(np.int64))
+        ranks = np.asarray(state[f"{path}.rank_mask"].sum(axis=-1)).astype(np.int64)
+        module.load_factors(weights[f"{path}.lora_a"][:, : module.r_max], weights[f"{path}.lora_b"][..., : module.r_max],
+                            ranks)
         module.importance = state[f"{path}.importance"]
     for path, lora in drlora.extra_loras:
         r = lora.lora_a.shape[1]

@@ -169,13 +169,18 @@ def _train(ctx: click.Context, config_file: str | None, **_):
     from .train import run
 
     from . import checkpoint
+    from .export import read_export
+    from .train import is_peft_export
 
     given = _given(ctx)
     given.pop("config_file", None)
     yaml_settings = read_yaml(config_file) if config_file else {}
     layered = {**yaml_settings, **given}
     base = None
-    if layered.get("resume") or layered.get("resume_from"):
+    if layered.get("resume_from") and is_peft_export(layered["resume_from"]):
+        # Starting from a PEFT export: its method settings, the rest as given.
+        base = read_export(layered["resume_from"])["method"]
+    elif layered.get("resume") or layered.get("resume_from"):
         # A resumed run keeps its own settings unless told otherwise.
         meta = checkpoint.find_meta(layered.get("adapter_path", "adapters"), layered.get("resume_from"))
         saved = meta["settings"]

@@ -324,8 +324,7 @@ def import_peft(model, peft_dir: str | os.PathLike) -> DRLoRA:
     ranks = {m.path: m.ranks for _, ms in layers for m in ms.values()}
     for path, module in drlora.expert_modules():
         a, b = adapter.factors[path]
-        module.lora_a, module.lora_b = mx.array(a), mx.array(b)
-        module.set_ranks(ranks[path])
+        module.load_factors(mx.array(a), mx.array(b), ranks[path])
     drlora.fit_width()
     for path, lora in drlora.extra_loras:
         a, b = adapter.factors[path]

@@ -92,6 +92,15 @@ class MaskedLoRASwitchLinear(nn.Module):
         z = mx.gather_mm(z, b.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
         return y + (self.scale * z).astype(x.dtype)
 
+    def load_factors(self, lora_a: mx.array, lora_b: mx.array, ranks) -> None:
+        """Set the active ranks and their A, B (e.g. from a saved adapter, whose
+        inactive ranks are zero); inactive rows of A keep their initial values,
+        so that ranks activated later can still learn."""
+        self.set_ranks(ranks)
+        mask = self.rank_mask[..., None] > 0
+        self.lora_a = mx.where(mask, lora_a.astype(self.lora_a.dtype), self.lora_a)
+        self.lora_b = lora_b.astype(self.lora_b.dtype) * self.rank_mask[:, None, :]
+
     def masked_factors(self) -> tuple[mx.array, mx.array]:
         """(A, B) with inactive ranks zeroed: the adapter as mlx-lm's
         ``LoRASwitchLinear`` at rank r_max would hold it."""

@@ -22,6 +22,7 @@ from .adapters import save_adapter
 from .attach import attach
 from .config import DRLoRAConfig
 from .data import bundled_data_dir, check_lengths, load_datasets
+from .export import EXPORT_INFO, import_peft, read_export
 from .memory import available_bytes, estimate_peak_bytes, memory_warning
 from .modelio import load_base
 from .progress import MetricsLog, Progress, format_time, rank_heatmap
@@ -75,6 +76,20 @@ def _find_checkpoint(args: TrainingArgs):
             )
         return (path, *checkpoint.read(path))
     return checkpoint.latest(args.adapter_path)
+
+
+def is_peft_export(path: str) -> bool:
+    return (Path(path) / EXPORT_INFO).exists()
+
+
+def _check_export_settings(path: str, config: DRLoRAConfig) -> None:
+    recorded = read_export(path)["method"]
+    for key, value in recorded.items():
+        if config.to_dict().get(key) != value:
+            raise checkpoint.CheckpointError(
+                f"the PEFT export was trained with {key}={value!r}, this run asks for "
+                f"{key}={config.to_dict().get(key)!r}; leave {key} as it was"
+            )
 
 
 def _check_fresh_output(adapter_path: Path) -> None:
@@ -137,18 +152,26 @@ def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None) -> Train
     if args.data is None:
         say(f"No --data given: using the bundled tasks ({data})")
     adapter_path = Path(args.adapter_path)
-    resume = _find_checkpoint(args) if (args.resume or args.resume_from) else None
+    warm_start = args.resume_from if args.resume_from and is_peft_export(args.resume_from) else None
+    resume = _find_checkpoint(args) if (args.resume or args.resume_from) and not warm_start else None
     if resume is not None:
         checkpoint.check_settings(resume[2]["settings"], settings(args, config))
     else:
         _check_fresh_output(adapter_path)
+    if warm_start:
+        _check_export_settings(warm_start, config)
     if world is not None:
         say(f"data-parallel over {world.size()} processes: each takes {args.batch_size // world.size()} of the "
             f"{args.batch_size} examples of every batch")
 
     model, tokenizer = load_base(model_name)
     mx.random.seed(args.seed)
-    drlora = attach(model, config, seed=args.seed)
+    if warm_start:
+        # A new run that starts from the exported adapter's weights and ranks.
+        drlora = import_peft(model, warm_start)
+        say(f"starting from the PEFT export {warm_start} (its ranks and weights; statistics start afresh)")
+    else:
+        drlora = attach(model, config, seed=args.seed)
     train_set, valid_set, test_set = load_datasets(data, tokenizer, args.mask_prompt, need_test=args.test)
     truncated = check_lengths(train_set, args.max_seq_length)
     if truncated:

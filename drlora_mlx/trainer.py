@@ -81,7 +81,7 @@ class TrainingArgs:
     test: bool = field(default=False, metadata=_help("Evaluate the test set after training."))
     test_batches: int = field(default=500, metadata=_help("Test batches to evaluate (-1: all)."))
     resume: bool = field(default=False, metadata=_help("Continue the run in --adapter-path from its newest complete checkpoint."))
-    resume_from: str | None = field(default=None, metadata=_help("Continue from this checkpoint folder."))
+    resume_from: str | None = field(default=None, metadata=_help("Continue from this checkpoint folder, or start from a `drlora-mlx export` PEFT adapter."))
     keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints to keep (the newest)."))
     skip_nonfinite: int = field(default=0, metadata=_help("Batches with a NaN/inf loss or gradient to skip before stopping."))
 

@@ -354,3 +354,30 @@ def test_import_refuses_what_export_did_not_write(trained, tmp_path):
     other, _ = mlx_lm_load(str(trained("mixtral")[0]))
     with pytest.raises(AdapterError, match="exported from a qwen3_moe model"):
         import_peft(other, tmp_path / "p")
+
+
+def test_train_starts_from_a_peft_export(trained, tmp_path, capsys):
+    model, adapter = trained("qwen3_moe")
+    export_peft(adapter, tmp_path / "peft", "fused")
+    imported, _ = mlx_lm_load(str(model))
+    drlora = import_peft(imported, tmp_path / "peft")
+    for _, module in drlora.expert_modules():  # inactive ranks keep a live A, so they can grow later
+        inactive = np.asarray(module.rank_mask) == 0
+        assert np.abs(np.asarray(module.lora_a)[inactive]).min() > 0
+    out, fresh = tmp_path / "continued", tmp_path / "fresh"
+    same = ["--model", str(model), "--iters", "4", "--batch-size", "4", "--steps-per-report", "1", "--mask-prompt"]
+    code, text, err = run_cli(["train", *same, "--resume-from", str(tmp_path / "peft"), "--adapter-path", str(out)],
+                              capsys)
+    assert code == 0, err
+    assert "starting from the PEFT export" in text
+    code, _, err = run_cli(["train", *same, *TRAIN[12:], *FLAGS["qwen3_moe"], "--adapter-path", str(fresh)], capsys)
+    assert code == 0, err
+
+    def first_loss(path):
+        return [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines() if '"train"' in l][0]["loss"]
+
+    assert first_loss(out) < first_loss(fresh) - 1.0  # the same first batch, from where the export left off
+    assert read_ranks(out)["layers"] == read_ranks(adapter)["layers"]
+    code, _, err = run_cli(["train", "--model", str(model), "--resume-from", str(tmp_path / "peft"),
+                            "--adapter-path", str(tmp_path / "x"), "--iters", "4", "--r-max", "16"], capsys)
+    assert code == 2 and "the PEFT export was trained with r_max=8, this run asks for r_max=16" in err
