@@ -176,18 +176,23 @@ def save_adapter(drlora: DRLoRA, adapter_path: str | os.PathLike, model_path: st
     return {"router_trained": router_file.exists(), "router_in_mlx_lm_adapter": router_included}
 
 
+def read_json(path: Path, missing: str) -> dict:
+    """A JSON record of an adapter or export; ``missing`` is the error when it is absent."""
+    if not path.exists():
+        raise AdapterError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path} is not valid JSON ({e.msg})") from None
+
+
 def read_config(adapter_path: str | os.PathLike) -> dict:
     adapter_path = Path(adapter_path)
-    cfg = adapter_path / DRLORA_CONFIG
-    if not cfg.exists():
-        raise AdapterError(
-            f"{adapter_path} is not a drlora-mlx adapter directory ({DRLORA_CONFIG} is missing); "
-            "give the --adapter-path a drlora-mlx train run wrote"
-        )
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg} is not valid JSON ({e.msg})") from None
+    return read_json(
+        adapter_path / DRLORA_CONFIG,
+        f"{adapter_path} is not a drlora-mlx adapter directory ({DRLORA_CONFIG} is missing); "
+        "give the --adapter-path a drlora-mlx train run wrote",
+    )
 
 
 def read_ranks(adapter_path: str | os.PathLike) -> dict:

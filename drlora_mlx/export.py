@@ -30,7 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import __version__
-from .adapters import ADAPTER_WEIGHTS, ROUTER_WEIGHTS, STATE_WEIGHTS, AdapterError, read_config
+from .adapters import ADAPTER_WEIGHTS, ROUTER_WEIGHTS, STATE_WEIGHTS, AdapterError, read_config, read_json
 from .attach import DRLoRA, attach
 from .config import DRLoRAConfig
 from .families import FAMILIES, family_of
@@ -280,13 +280,11 @@ def _json(obj: dict) -> bytes:
 def read_export(peft_dir: str | os.PathLike) -> dict:
     """The ``drlora_export.json`` of a PEFT export, after checking the weights are the ones exported."""
     peft_dir = Path(peft_dir)
-    info_file = peft_dir / EXPORT_INFO
-    if not info_file.exists():
-        raise AdapterError(
-            f"{peft_dir} is not a PEFT adapter exported by drlora-mlx ({EXPORT_INFO} is missing): only adapters "
-            "written by `drlora-mlx export` can be imported, as their ranks are recorded there"
-        )
-    info = json.loads(info_file.read_text())
+    info = read_json(
+        peft_dir / EXPORT_INFO,
+        f"{peft_dir} is not a PEFT adapter exported by drlora-mlx ({EXPORT_INFO} is missing): only adapters "
+        "written by `drlora-mlx export` can be imported, as their ranks are recorded there",
+    )
     weights = peft_dir / PEFT_WEIGHTS
     if not weights.exists() or hashlib.sha256(weights.read_bytes()).hexdigest() != info["adapter_model_sha256"]:
         raise AdapterError(f"{weights} is missing or not the file drlora-mlx exported (sha256 differs)")
