@@ -1,0 +1,286 @@
+"""Step time and peak memory of DR-LoRA against mlx-lm's own LoRA, side by side.
+
+One process, one model, the same batches: mlx-lm's LoRA on the routed experts'
+up/down projections at r_max, r_target and r_init (its trainer's compiled
+step, rebuilt here from mlx-lm's parts), drlora-mlx's uniform LoRA, and
+DR-LoRA growing from r_init to r_target within r_max with growth events inside
+the measured window. Float and 4-bit bases. Prints a table and the ratios to
+mlx-lm; ``--json`` ends with one JSON object.
+
+    python scripts/bench.py --quick          # < 3 minutes on 2 CPU cores
+    python scripts/bench.py                  # the larger default shape
+    python scripts/bench.py --shape olmoe    # OLMoE-1B-7B shaped (a GPU machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from drlora_mlx.linux_blas import reexec_with_openblas  # noqa: E402
+
+reexec_with_openblas()
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx_lm import load as mlx_lm_load  # noqa: E402
+from mlx_lm.tuner.trainer import default_loss  # noqa: E402
+from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
+
+from drlora_mlx.attach import attach  # noqa: E402
+from drlora_mlx.config import DRLoRAConfig  # noqa: E402
+from drlora_mlx.tiny import TinyShape, tiny_model_path  # noqa: E402
+from drlora_mlx.trainer import Trainer, TrainingArgs  # noqa: E402
+
+SHAPES = {
+    # hidden, layers, experts, top-k, expert dim; batch x sequence
+    "quick": (TinyShape(hidden=256, layers=2, experts=16, top_k=4, expert_dim=256, heads=4, kv_heads=2, vocab=1024), 2, 128),
+    "default": (TinyShape(hidden=512, layers=4, experts=32, top_k=4, expert_dim=256, heads=8, kv_heads=4, vocab=1024), 4, 256),
+    "olmoe": (TinyShape(hidden=2048, layers=16, experts=64, top_k=8, expert_dim=1024, heads=16, kv_heads=16, vocab=1024), 4, 512),
+}
+RANKS = (8, 16, 32)  # r_init, r_target, r_max
+LR = 1e-4
+
+
+def batches(n, batch, seq, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = mx.array(np.tile([0, seq], (batch, 1)).astype(np.int32))
+    return [(mx.array(rng.integers(3, vocab, size=(batch, seq + 1)).astype(np.int32)), lengths) for _ in range(n)]
+
+
+def _fresh():
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+
+
+def mlx_lm_step(model_path, rank):
+    """mlx-lm's LoRA on the experts' up/down projections, stepped like its trainer."""
+    model, _ = mlx_lm_load(model_path)
+    model.freeze()
+    keys = ["mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"]
+    linear_to_lora_layers(model, len(model.layers), {"rank": rank, "scale": 2.0, "dropout": 0.0, "keys": keys})
+    optimizer = optim.AdamW(learning_rate=LR, weight_decay=0.0)
+    state = [model.state, optimizer.state, mx.random.state]
+    loss_and_grad = nn.value_and_grad(model, default_loss)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, lengths):
+        (loss, toks), grads = loss_and_grad(model, batch, lengths)
+        optimizer.update(model, grads)
+        return loss, toks
+
+    def run(b, l):
+        loss, toks = step(b, l)
+        mx.eval(state, loss, toks)
+        return None
+
+    model.train()
+    return run
+
+
+def drlora_step(model_path, config, iters, batch_size):
+    """drlora-mlx's Trainer.train_step; returns (step, trainer)."""
+    model, _ = mlx_lm_load(model_path)
+    drlora = attach(model, config, seed=0)
+    trainer = Trainer(model, drlora, TrainingArgs(iters=iters, batch_size=batch_size, learning_rate=LR))
+    model.train()
+
+    def run(b, l):
+        return trainer.train_step(b, l)[2]
+
+    return run, trainer
+
+
+def variant_names(quick):
+    names = ["mlx_lm_rmax", "mlx_lm_rinit", "drlora_uniform_rmax", "drlora"]
+    return names if quick else names[:2] + ["mlx_lm_rtarget", "drlora_uniform_rtarget"] + names[2:]
+
+
+def make_variant(name, model_path, batch, rounds):
+    """(step function, trainer or None) of one variant. DR-LoRA spends a third
+    of its rounds in warm-up (all ranks at r_init), then grows every 2 steps
+    through every width."""
+    r_init, r_target, r_max = RANKS
+    if name.startswith("mlx_lm_"):
+        rank = {"rmax": r_max, "rtarget": r_target, "rinit": r_init}[name.rsplit("_", 1)[1]]
+        return mlx_lm_step(model_path, rank), None
+    if name.startswith("drlora_uniform_"):
+        rank = {"rmax": r_max, "rtarget": r_target}[name.rsplit("_", 1)[1]]
+        return drlora_step(model_path, DRLoRAConfig(method="lora", lora_rank=rank, train_router="never"),
+                           rounds, batch)
+    # grow_fraction 0.5: a module can reach r_max in two events, so a short run crosses every width.
+    config = DRLoRAConfig(r_init=r_init, r_target=r_target, r_max=r_max, grow_every=2, growth_buffer=2,
+                          warmup_ratio=1 / 3, grow_fraction=0.5, train_router="never")
+    return drlora_step(model_path, config, rounds, batch)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_base(model_path, shape, batch, seq, n_measure, warmup, quick):
+    """Peak memory of each variant alone, then step times measured in rounds
+    (one step of every variant per round, order rotating), so that the noise
+    of a shared machine hits all variants alike."""
+    r_init, r_target, r_max = RANKS
+    rounds = warmup + 3 * n_measure
+    data = batches(rounds, batch, seq, shape.vocab)
+    names = variant_names(quick)
+    peaks = {}
+    for name in names:
+        _fresh()
+        step, made = make_variant(name, model_path, batch, rounds)
+        if made is not None and name == "drlora":  # its peak is at the widest LoRA product
+            ranks = made.drlora.ranks()
+            ranks[:, 0] = r_max
+            made.drlora.set_ranks(ranks)
+        for b, l in data[:2]:
+            step(b, l)
+        peaks[name] = mx.get_peak_memory()
+        del step, made
+    _fresh()
+    steps, trainer = {}, None
+    for name in names:
+        steps[name], made = make_variant(name, model_path, batch, rounds)
+        if name == "drlora":
+            trainer = made
+    times = {name: {} for name in steps}  # name -> round -> seconds
+    rows = []
+    for i, (b, l) in enumerate(data):
+        order = names[i % len(names):] + names[: i % len(names)]
+        for name in order:
+            width, traces = trainer.drlora.width, trainer.traces
+            tic = time.perf_counter()
+            event = steps[name](b, l)
+            seconds = time.perf_counter() - tic
+            if name == "drlora":
+                grew = event is not None and event.total > 0
+                seconds -= trainer.grow_seconds if grew else 0.0
+                rows.append({"i": i, "width": width, "event": grew, "traced": trainer.traces > traces,
+                             "seconds": seconds, "grow_seconds": trainer.grow_seconds if grew else 0.0})
+            if i >= warmup:
+                times[name][i] = seconds
+
+    def paired(name, ref, rounds):
+        """Median over rounds of the ratio of two variants' steps in the same round."""
+        return median([times[name][i] / times[ref][i] for i in rounds if i in times[name] and i in times[ref]])
+
+    out = {name: {"step": median(list(times[name].values())), "peak": peaks[name]}
+           for name in names if name != "drlora"}
+    for name in names:
+        if name.startswith("drlora_uniform_"):
+            out[name]["ratio"] = paired(name, name.replace("drlora_uniform", "mlx_lm"), range(warmup, rounds))
+    for name in ("mlx_lm_rinit", "mlx_lm_rtarget"):
+        if name in out:
+            out[name]["ratio"] = 1.0
+    out["mlx_lm_rmax"]["ratio"] = 1.0
+    # Steps that traced a new width are compile time, reported as traces.
+    measured = [r for r in rows if r["i"] >= warmup and not r["traced"]]
+    first_event = next(r["i"] for r in rows if r["event"])
+    early = [r["i"] for r in measured if r["i"] < first_event]
+    at_rmax = [r["i"] for r in measured if r["width"] == r_max]
+    growing = [r["i"] for r in measured if r["i"] >= first_event]
+    events = [r["grow_seconds"] for r in rows if r["event"]]
+    out["drlora"] = {
+        "step_early": median([times["drlora"][i] for i in early]),
+        "step_at_rmax_width": median([times["drlora"][i] for i in at_rmax]),
+        "step_growth_window": median([times["drlora"][i] for i in growing]),
+        "early_ratio_vs_rinit": paired("drlora", "mlx_lm_rinit", early),
+        "rmax_ratio_vs_rmax": paired("drlora", "mlx_lm_rmax", at_rmax),
+        "growth_ratio_vs_rmax": paired("drlora", "mlx_lm_rmax", growing),
+        "statistics_overhead": paired("drlora", "drlora_uniform_rmax", at_rmax) - 1,
+        "rounds": {"early": len(early), "at_rmax_width": len(at_rmax), "growing": len(growing)},
+        "peak": peaks["drlora"],
+        "traces": trainer.traces,
+        "widths": sorted({max(w) for _, w in trainer.steps}),
+        "events": len(events),
+        "event_seconds": median(events),
+        "run_seconds": sum(r["seconds"] + r["grow_seconds"] for r in rows),
+        "final_mean_rank": float(trainer.drlora.ranks().mean()),
+    }
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shape, few steps (< 3 minutes on 2 CPU cores)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per variant")
+    parser.add_argument("--json", action="store_true", help="end with one JSON object")
+    args = parser.parse_args()
+    shape_name = args.shape or ("quick" if args.quick else "default")
+    shape, batch, seq = SHAPES[shape_name]
+    n_measure = args.steps or (6 if args.quick else 10)
+    warmup = 2 if args.quick else 3
+    print(f"device {mx.default_device()}, {platform.machine()} {platform.system()}, shape {shape_name}: {shape}, "
+          f"batch {batch} x {seq}, ranks r_init/r_target/r_max {RANKS}", flush=True)
+    results = {}
+    for bits in (None, 4):
+        path = str(tiny_model_path("qwen3_moe", shape, quantize_bits=bits))
+        label = "4bit" if bits else "float"
+        tic = time.perf_counter()
+        results[label] = run_base(path, shape, batch, seq, n_measure, warmup, args.quick)
+        print(f"  {label}: measured in {time.perf_counter() - tic:.0f} s", flush=True)
+
+    print()
+    print("step time: median over rounds; ratio: median over rounds of the paired ratio to mlx-lm in the same round")
+    print(f"{'base':<6} {'variant':<34} {'step ms':>9} {'ratio':>8} {'peak MB':>9} {'ratio':>8}")
+    for label, r in results.items():
+        ref = r["mlx_lm_rmax"]
+        for name, ref_name in (("mlx_lm_rmax", "mlx_lm_rmax"), ("mlx_lm_rtarget", "mlx_lm_rtarget"),
+                               ("mlx_lm_rinit", "mlx_lm_rinit"), ("drlora_uniform_rtarget", "mlx_lm_rtarget"),
+                               ("drlora_uniform_rmax", "mlx_lm_rmax")):
+            if name in r:
+                v = r[name]
+                print(f"{label:<6} {name:<34} {v['step'] * 1e3:>9.1f} {v['ratio']:>7.3f}x "
+                      f"{v['peak'] / 1e6:>9.1f} {v['peak'] / r[ref_name]['peak']:>7.3f}x")
+        d = r["drlora"]
+        print(f"{label:<6} {'DR-LoRA early (all at r_init)':<34} {d['step_early'] * 1e3:>9.1f} "
+              f"{d['early_ratio_vs_rinit']:>7.3f}x {'':>9} (vs mlx-lm at r_init)")
+        print(f"{label:<6} {'DR-LoRA growth window':<34} {d['step_growth_window'] * 1e3:>9.1f} "
+              f"{d['growth_ratio_vs_rmax']:>7.3f}x")
+        print(f"{label:<6} {'DR-LoRA at r_max width':<34} {d['step_at_rmax_width'] * 1e3:>9.1f} "
+              f"{d['rmax_ratio_vs_rmax']:>7.3f}x {d['peak'] / 1e6:>9.1f} {d['peak'] / ref['peak']:>7.3f}x")
+        print(f"{label:<6}   rounds {d['rounds']}; traces {d['traces']} (widths {d['widths']}); "
+              f"{d['events']} growth events, median {d['event_seconds'] * 1e3:.1f} ms = "
+              f"{100 * d['event_seconds'] * d['events'] / d['run_seconds']:.2f}% of the run; "
+              f"statistics overhead at r_max width {100 * d['statistics_overhead']:+.1f}%; "
+              f"final mean rank {d['final_mean_rank']:.2f}")
+    f, q = results["float"], results["4bit"]
+    summary = {
+        "shape": shape_name,
+        "device": str(mx.default_device()),
+        "step_ratio_vs_mlx_lm_rmax": f["drlora"]["rmax_ratio_vs_rmax"],
+        "step_ratio_vs_mlx_lm_rmax_4bit": q["drlora"]["rmax_ratio_vs_rmax"],
+        "growth_window_ratio_vs_mlx_lm_rmax": f["drlora"]["growth_ratio_vs_rmax"],
+        "early_step_ratio_vs_mlx_lm_rinit": f["drlora"]["early_ratio_vs_rinit"],
+        "early_step_ratio_vs_mlx_lm_rinit_4bit": q["drlora"]["early_ratio_vs_rinit"],
+        "peak_memory_ratio_vs_mlx_lm_rmax": f["drlora"]["peak"] / f["mlx_lm_rmax"]["peak"],
+        "peak_memory_ratio_vs_mlx_lm_rmax_4bit": q["drlora"]["peak"] / q["mlx_lm_rmax"]["peak"],
+        "traces": f["drlora"]["traces"],
+        "traces_4bit": q["drlora"]["traces"],
+        "growth_event_share_of_run": f["drlora"]["event_seconds"] * f["drlora"]["events"] / f["drlora"]["run_seconds"],
+        "statistics_overhead": f["drlora"]["statistics_overhead"],
+        "uniform_lora_ratio_vs_mlx_lm_rmax": f["drlora_uniform_rmax"]["ratio"],
+        "tokens_per_step": batch * seq,
+        "mlx_lm_rmax_tokens_per_second": batch * seq / f["mlx_lm_rmax"]["step"],
+        "drlora_tokens_per_second": batch * seq / f["drlora"]["step_at_rmax_width"],
+    }
+    if args.json:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
