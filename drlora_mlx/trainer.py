@@ -175,8 +175,11 @@ def grad_checkpoint(model: nn.Module) -> None:
     """
     for layer in model.layers:
         cls = type(layer)
-        if not getattr(cls, "_drlora_checkpointed", False):
-            layer.__class__ = _CHECKPOINTED.setdefault(cls, _checkpointed_class(cls))
+        if getattr(cls, "_drlora_checkpointed", False):
+            continue
+        if cls not in _CHECKPOINTED:
+            _CHECKPOINTED[cls] = _checkpointed_class(cls)
+        layer.__class__ = _CHECKPOINTED[cls]
 
 
 @dataclass

@@ -46,7 +46,7 @@ from drlora_mlx.trainer import Trainer, TrainingArgs  # noqa: E402
 SHAPES = {
     # hidden, layers, experts, top-k, expert dim; batch x sequence
     "quick": (TinyShape(hidden=256, layers=2, experts=16, top_k=4, expert_dim=256, heads=4, kv_heads=2, vocab=1024), 2, 128),
-    "default": (TinyShape(hidden=512, layers=4, experts=32, top_k=4, expert_dim=256, heads=8, kv_heads=4, vocab=1024), 4, 256),
+    "default": (TinyShape(hidden=384, layers=4, experts=32, top_k=4, expert_dim=256, heads=6, kv_heads=2, vocab=1024), 2, 256),
     "olmoe": (TinyShape(hidden=2048, layers=16, experts=64, top_k=8, expert_dim=1024, heads=16, kv_heads=16, vocab=1024), 4, 512),
 }
 RANKS = (8, 16, 32)  # r_init, r_target, r_max
