@@ -2,7 +2,7 @@
 
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +23,17 @@ TRAIN = ["-m", "drlora_mlx", "train", "--iters", "36", "--batch-size", "4", "--l
 
 
 def _run(cmd, env=None, timeout=600):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    """Run mlx.launch (or one process) in its own process group, so that a
+    hung run is killed with every process it started."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _losses(adapter_path):
