@@ -170,8 +170,9 @@ def _init_weights(model: nn.Module, seed: int) -> None:
     model.update(tree_unflatten(new))
 
 
-def build_tokenizer(texts, vocab_size: int, path: Path) -> None:
-    """Train a byte-level BPE on ``texts`` and save it as a Hugging Face tokenizer."""
+def build_tokenizer(texts, vocab_size: int, path: Path, chat_template: str = CHATML_TEMPLATE) -> None:
+    """Train a byte-level BPE on ``texts`` and save it as a Hugging Face
+    tokenizer with ``chat_template`` (Jinja, as in ``tokenizer_config.json``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -189,7 +190,7 @@ def build_tokenizer(texts, vocab_size: int, path: Path) -> None:
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
+        chat_template=chat_template,
     )
     fast.save_pretrained(str(path))
 
