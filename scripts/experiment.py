@@ -329,6 +329,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.report:
+        if not (out / "results.json").is_file():
+            parser.error(f"{out / 'results.json'} does not exist; run the experiment with --out {out} first")
         results = json.loads((out / "results.json").read_text())
         setting = setting_from_dict(results["setting"])
         print(write_report(out, results, setting, list(results["tasks"]), list(arms(*setting.ranks))))
