@@ -138,11 +138,13 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new: int, batch_siz
             cache = make_prompt_cache(model)
             logits = model(mx.array([encoded[i] for i in rows]), cache=cache)
             out = []
+            done = np.zeros(len(rows), dtype=bool)
             for _ in range(max_new):
                 nxt = mx.argmax(logits[:, -1], axis=-1)
                 mx.eval(nxt)
                 out.append(np.asarray(nxt))
-                if all((np.stack(out, 1)[j] == eos).any() for j in range(len(rows))):
+                done |= out[-1] == eos
+                if done.all():
                     break
                 logits = model(nxt[:, None], cache=cache)
             tokens = np.stack(out, 1)
