@@ -8,9 +8,9 @@ the logits are DR-LoRA's. A trained router rides along as an exact rank-E LoRA
 on the router when mlx-lm can express it (a linear router with E <= R);
 otherwise mlx-lm cannot load it, and the save says so.
 
-``drlora_state.safetensors`` holds the rank masks and statistics,
-``router.safetensors`` the trained router weights, ``drlora_config.json`` the
-method configuration; ``load`` reads them all back.
+``drlora_state.safetensors`` holds DR-LoRA's own state (``state``: rank masks,
+statistics, fixed ranks, routers), ``drlora_config.json`` the method and
+training settings; ``load`` reads them all back.
 """
 
 from __future__ import annotations
@@ -21,21 +21,22 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten
 
-from . import __version__
-from .attach import DRLoRA, attach, router_linear, router_weight
+from . import __version__, state
+from .attach import attach
+from .routing import router_linear
 from .config import DRLoRAConfig
+from .drlora import DRLoRA
+from .errors import InputError
+from .files import write_json, write_safetensors
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 STATE_WEIGHTS = "drlora_state.safetensors"
-ROUTER_WEIGHTS = "router.safetensors"
 DRLORA_CONFIG = "drlora_config.json"
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError):
     """An adapter directory that cannot be read; the message says why."""
 
 
@@ -56,18 +57,6 @@ def _relative(drlora: DRLoRA, path: str) -> tuple[int, str]:
     raise ValueError(f"{path} is not inside a decoder layer")
 
 
-def trained_routers(drlora: DRLoRA) -> list[tuple[str, mx.array]]:
-    """(router path, weight delta) of every router that changed in training."""
-    if drlora.config.train_router == "never":
-        return []
-    out = []
-    for layer, base in zip(drlora.layers, drlora.router_base):
-        delta = router_weight(layer.router) - base
-        if bool(mx.any(delta != 0)):
-            out.append((f"{layer.path}.{drlora.family.router}", delta))
-    return out
-
-
 def _router_as_lora(drlora: DRLoRA, rank: int) -> bool:
     """Whether mlx-lm can carry the trained routers as a LoRA of this rank."""
     return all(
@@ -79,7 +68,7 @@ def mlx_lm_adapter(drlora: DRLoRA) -> tuple[dict, dict[str, mx.array], bool]:
     """(adapter_config, weights, router_included) in mlx-lm's LoRA format."""
     scale = drlora.config.scale
     rank = max([drlora.r_max] + [l.lora_a.shape[1] for _, l in drlora.extra_loras])
-    routers = trained_routers(drlora)
+    routers = drlora.trained_routers()
     router_included = bool(routers) and _router_as_lora(drlora, rank)
     weights, keys = {}, set()
     for path, module in drlora.expert_modules():
@@ -108,72 +97,32 @@ def mlx_lm_adapter(drlora: DRLoRA) -> tuple[dict, dict[str, mx.array], bool]:
     return config, weights, router_included
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_safetensors(path: Path, weights: dict) -> None:
-    tmp = path.with_name(path.stem + ".tmp.safetensors")
-    mx.save_safetensors(str(tmp), weights)
-    os.replace(tmp, path)
-
-
-def state_weights(drlora: DRLoRA) -> dict[str, mx.array]:
-    """The DR-LoRA state: rank masks, importance EMAs, routing frequency."""
-    weights = {
-        "routing.frequency": drlora.state.frequency,
-        "routing.seen": drlora.state.seen,
-    }
-    for path, module in drlora.expert_modules():
-        weights[f"{path}.rank_mask"] = module.rank_mask
-        weights[f"{path}.importance"] = module.importance
-    return weights
-
-
-def save_adapter(drlora: DRLoRA, adapter_path: str | os.PathLike, model_path: str, extra: dict | None = None) -> dict:
-    """Write the adapter directory; returns what was written, for reporting."""
+def save_adapter(drlora: DRLoRA, adapter_path: str | os.PathLike, model_path: str,
+                 training: dict | None = None) -> dict:
+    """Write the adapter directory (``training``: the run's training settings,
+    recorded beside the method's); returns what was written, for reporting."""
     adapter_path = Path(adapter_path)
     adapter_path.mkdir(parents=True, exist_ok=True)
     config, weights, router_included = mlx_lm_adapter(drlora)
     config["model"] = model_path
-    if extra:
-        config.update(extra)
-    _write_safetensors(adapter_path / ADAPTER_WEIGHTS, weights)
-    _write_json(adapter_path / ADAPTER_CONFIG, config)
-    _write_safetensors(adapter_path / STATE_WEIGHTS, state_weights(drlora))
-    routers = {
-        f"{layer.path}.{drlora.family.router}.{name}": value
-        for layer in drlora.layers
-        for name, value in tree_flatten(layer.router.parameters())
+    write_safetensors(adapter_path / ADAPTER_WEIGHTS, weights)
+    write_json(adapter_path / ADAPTER_CONFIG, config)
+    write_safetensors(adapter_path / STATE_WEIGHTS, state.encode(drlora))
+    record = {
+        "drlora_mlx_version": __version__,
+        "family": drlora.family_name,
+        "model": model_path,
+        "method": drlora.config.to_dict(),
+        "routing_signal_used": drlora.routing_signal,
+        "layers": [
+            {"layer": layer.index, "modules": dict(zip(drlora.targets, layer.module_paths()))}
+            for layer in drlora.layers
+        ],
     }
-    router_file = adapter_path / ROUTER_WEIGHTS
-    if trained_routers(drlora):
-        _write_safetensors(router_file, routers)
-    elif router_file.exists():
-        router_file.unlink()
-    _write_json(
-        adapter_path / DRLORA_CONFIG,
-        {
-            "drlora_mlx_version": __version__,
-            "family": drlora.family_name,
-            "model": model_path,
-            "method": drlora.config.to_dict(),
-            "routing_signal_used": drlora.routing_signal,
-            "layers": [
-                {
-                    "layer": layer.index,
-                    "modules": {
-                        t: f"{layer.path}.{layer.experts_name}.{name}"
-                        for t, name in zip(drlora.targets, layer.module_names)
-                    },
-                }
-                for layer in drlora.layers
-            ],
-        },
-    )
-    return {"router_trained": router_file.exists(), "router_in_mlx_lm_adapter": router_included}
+    if training is not None:
+        record["training"] = training
+    write_json(adapter_path / DRLORA_CONFIG, record)
+    return {"router_trained": bool(drlora.trained_routers()), "router_in_mlx_lm_adapter": router_included}
 
 
 def read_json(path: Path, missing: str) -> dict:
@@ -195,45 +144,45 @@ def read_config(adapter_path: str | os.PathLike) -> dict:
     )
 
 
+def read_arrays(path: Path, what: str) -> dict[str, mx.array]:
+    """A safetensors file of an adapter directory; ``what`` names it in the error."""
+    if not path.exists():
+        raise AdapterError(f"{path.parent} is not a complete drlora-mlx adapter directory ({what} {path.name} is missing)")
+    return mx.load(str(path))
+
+
+def read_state(adapter_path: str | os.PathLike, router_paths=()) -> state.AdapterState:
+    """The decoded DR-LoRA state of a saved adapter."""
+    return state.decode(read_arrays(Path(adapter_path) / STATE_WEIGHTS, "DR-LoRA state"), router_paths)
+
+
 def read_ranks(adapter_path: str | os.PathLike) -> dict:
     """The active rank of every expert module of a saved adapter."""
-    adapter_path = Path(adapter_path)
     meta = read_config(adapter_path)
     config = DRLoRAConfig.from_dict(meta["method"])
-    state = mx.load(str(adapter_path / STATE_WEIGHTS))
-    r_init, r_target, r_max = config.ranks
-    layers = []
-    for entry in meta["layers"]:
-        row = {"layer": entry["layer"]}
-        for target, path in entry["modules"].items():
-            row[target] = [int(r) for r in np.asarray(state[f"{path}.rank_mask"].sum(axis=-1))]
-        layers.append(row)
-    return {"r_init": r_init, "r_max": r_max, "r_target": r_target, "targets": list(config.targets), "layers": layers}
+    ranks = read_state(adapter_path).expert_ranks
+    layers = [{"layer": entry["layer"], **{t: list(ranks[p]) for t, p in entry["modules"].items()}}
+              for entry in meta["layers"]]
+    r = config.ranks
+    return {"r_init": r.r_init, "r_max": r.r_max, "r_target": r.r_target, "targets": list(config.targets),
+            "layers": layers}
 
 
 def load_into(model: nn.Module, adapter_path: str | os.PathLike) -> DRLoRA:
     """Attach the adapter saved in ``adapter_path`` to ``model`` (its base model)."""
     adapter_path = Path(adapter_path)
-    meta = read_config(adapter_path)
-    config = DRLoRAConfig.from_dict(meta["method"])
+    config = DRLoRAConfig.from_dict(read_config(adapter_path)["method"])
     drlora = attach(model, config)
-    weights = mx.load(str(adapter_path / ADAPTER_WEIGHTS))
-    state = mx.load(str(adapter_path / STATE_WEIGHTS))
+    weights = read_arrays(adapter_path / ADAPTER_WEIGHTS, "adapter weights")
+    state.restore(drlora, read_arrays(adapter_path / STATE_WEIGHTS, "DR-LoRA state"))
     for path, module in drlora.expert_modules():
-        ranks = np.asarray(state[f"{path}.rank_mask"].sum(axis=-1)).astype(np.int64)
-        module.load_factors(weights[f"{path}.lora_a"][:, : module.r_max], weights[f"{path}.lora_b"][..., : module.r_max],
-                            ranks)
-        module.importance = state[f"{path}.importance"]
+        r_max = module.r_max
+        module.load_factors(weights[f"{path}.lora_a"][:, :r_max], weights[f"{path}.lora_b"][..., :r_max],
+                            module.ranks())
     for path, lora in drlora.extra_loras:
         r = lora.lora_a.shape[1]
         lora.lora_a = weights[f"{path}.lora_a"][:, :r]
         lora.lora_b = weights[f"{path}.lora_b"][:r]
-    drlora.fit_width()
-    drlora.state.frequency = state["routing.frequency"]
-    drlora.state.seen = state["routing.seen"]
-    router_file = adapter_path / ROUTER_WEIGHTS
-    if router_file.exists():
-        model.load_weights(list(mx.load(str(router_file)).items()), strict=False)
     mx.eval(model.parameters(), drlora.state.parameters())
     return drlora
 

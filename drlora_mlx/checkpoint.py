@@ -1,12 +1,12 @@
 """Checkpoints: the whole training state, written atomically, read back exactly.
 
 A checkpoint is a folder ``<adapter-path>/checkpoints/step-<iteration>/``
-holding ``state.safetensors`` (every trained parameter, the rank masks and
-statistics, the optimizer state, an unfinished gradient accumulation) and
-``trainer.json`` (iteration, data position, router phase, and the settings the
-run was made with). It is written into a hidden folder beside it and renamed
-into place only when complete, so a process killed at any moment leaves the
-previous checkpoints as they were; ``latest`` picks the newest complete one.
+holding ``state.safetensors`` (every trained parameter, DR-LoRA's state, the
+optimizer state, an unfinished gradient accumulation) and ``trainer.json``
+(iteration, data position, router phase, and the settings the run was made
+with). It is written into a hidden folder beside it and renamed into place
+only when complete, so a process killed at any moment leaves the previous
+checkpoints as they were; ``latest`` picks the newest one that reads back.
 
 Training draws no random numbers (no dropout), so no random state is needed to
 continue a run exactly.
@@ -23,6 +23,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import __version__
+from .errors import InputError
+from .files import fsync_dir, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.safetensors"
@@ -33,7 +35,7 @@ FIXED_TRAINING = ("model", "data", "iters", "batch_size", "learning_rate", "lr_s
                   "max_seq_length", "grad_accumulation_steps", "mask_prompt", "seed")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used; the message says why."""
 
 
@@ -41,26 +43,16 @@ def checkpoint_dir(adapter_path: str | os.PathLike) -> Path:
     return Path(adapter_path) / CHECKPOINTS
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _publish(tmp: Path, final: Path) -> None:
+    """Make a completely written checkpoint folder visible under its final name."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
 
 
-def save(adapter_path: str | os.PathLike, iteration: int, arrays: dict, meta: dict, keep: int = 2,
-         pause: float = 0.0) -> Path:
-    """Write checkpoint ``iteration`` atomically and keep the newest ``keep``.
-
-    ``pause`` waits between writing the files and making them visible (the
-    tests use it to kill a process in the middle of a write).
-    """
+def save(adapter_path: str | os.PathLike, iteration: int, arrays: dict, meta: dict, keep: int = 2) -> Path:
+    """Write checkpoint ``iteration`` atomically and keep the newest ``keep``."""
     root = checkpoint_dir(adapter_path)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{iteration:07d}"
@@ -69,19 +61,11 @@ def save(adapter_path: str | os.PathLike, iteration: int, arrays: dict, meta: di
     tmp = root / f".tmp-step-{iteration:07d}-{os.getpid()}"
     tmp.mkdir()
     mx.save_safetensors(str(tmp / STATE), arrays)
-    with open(tmp / META, "w") as f:
-        json.dump({**meta, "iteration": iteration, "drlora_mlx_version": __version__, "saved_at": time.time()},
-                  f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
     with open(tmp / STATE, "rb+") as f:
         os.fsync(f.fileno())
-    if pause:
-        time.sleep(pause)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
+    write_json(tmp / META, {**meta, "iteration": iteration, "drlora_mlx_version": __version__,
+                            "saved_at": time.time()})
+    _publish(tmp, final)
     for old in complete(adapter_path)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -94,7 +78,10 @@ def read(path: str | os.PathLike) -> tuple[dict, dict]:
         meta = json.loads((path / META).read_text())
         arrays = mx.load(str(path / STATE))
     except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}); use another one") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} is unreadable ({first}); use another one") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("iteration"), int):
+        raise CheckpointError(f"checkpoint {path} is unreadable ({META} records no iteration)")
     return arrays, meta
 
 
@@ -107,45 +94,40 @@ def complete(adapter_path: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def latest(adapter_path: str | os.PathLike) -> tuple[Path, dict, dict]:
-    """The newest checkpoint that reads back whole: (path, arrays, meta)."""
+def latest(adapter_path: str | os.PathLike) -> tuple[Path, dict, dict, list[str]]:
+    """The newest checkpoint that reads back whole: (path, arrays, meta, notes),
+    the notes saying which newer ones were skipped and why."""
     candidates = complete(adapter_path)
     if not candidates:
         raise CheckpointError(
             f"no checkpoint to resume in {checkpoint_dir(adapter_path)}; train without --resume first "
             "(or give --resume-from a checkpoint folder)"
         )
+    notes = []
     for path in reversed(candidates):
         try:
             arrays, meta = read(path)
-            return path, arrays, meta
-        except CheckpointError:
+        except CheckpointError as e:
+            notes.append(f"skipped {e}".replace("; use another one", ""))
             continue
+        return path, arrays, meta, notes
     raise CheckpointError(f"every checkpoint in {checkpoint_dir(adapter_path)} is unreadable")
 
 
-def find_meta(adapter_path: str | os.PathLike, resume_from: str | None = None) -> dict:
-    """The settings record of the checkpoint a resume would use (not its arrays)."""
-    if resume_from:
-        path = Path(resume_from)
-    else:
-        found = complete(adapter_path)
-        if not found:
-            raise CheckpointError(
-                f"no checkpoint to resume in {checkpoint_dir(adapter_path)}; train without --resume first "
-                "(or give --resume-from a checkpoint folder)"
-            )
-        path = found[-1]
-    try:
-        return json.loads((path / META).read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"{path} is not a readable drlora-mlx checkpoint folder (no valid {META})") from None
+def newest_meta(adapter_path: str | os.PathLike) -> dict | None:
+    """The record of the newest checkpoint whose record reads, without its arrays (or None)."""
+    for path in reversed(complete(adapter_path)):
+        try:
+            return json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def check_settings(saved: dict, current: dict) -> None:
     """Refuse to continue a run with settings that would change its numbers.
 
-    Both are ``{"training": {...}, "method": {...}}`` as ``train.settings`` makes them.
+    Both are ``{"training": {...}, "method": {...}}`` as ``config.run_settings`` makes them.
     """
     pairs = [(k, saved["training"].get(k), current["training"].get(k)) for k in FIXED_TRAINING]
     pairs += [(k, v, current["method"].get(k)) for k, v in saved["method"].items()]

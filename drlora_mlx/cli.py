@@ -2,51 +2,30 @@
 
 Every ``train`` flag is a field of ``TrainingArgs`` or ``DRLoRAConfig``
 (``--r-init`` is ``r_init``), so the flags, the YAML file given with ``-c`` and
-the Python API are one set of names. Precedence: command line, then the YAML
-file, then (for the built-in tiny model) its preset, then the defaults.
+the Python API are one set of names (``config.resolve`` layers them).
 
-Bad input ends with one line on stderr and exit code 2.
+An error a user can cause ends with one line on stderr and exit code 2; a run
+stopped for another reason (a non-finite step, a signal) with its own code.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import types
 from dataclasses import fields
-from pathlib import Path
 
 import click
 
-from .config import ConfigError, DRLoRAConfig
+from .config import DRLoRAConfig, TrainingArgs, read_yaml, resolve
+from .errors import DRLoRAError, InputError
 
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
-EXIT_DIVERGED = 4
-
-
-class InputError(Exception):
-    """Any error that is the user's input, not the program's fault."""
+EXIT_BAD_INPUT = InputError.exit_code
 
 
-def _bad_input_types() -> tuple:
-    from .adapters import AdapterError
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .export import ExportError
-    from .families import UnsupportedModelError
-    from .fuse import FuseError
-    from .hf_checkpoint import HFLayoutError
-    from .modelio import ModelError
-    from .schedule import ScheduleError
-
-    return (InputError, ConfigError, DataError, ModelError, ScheduleError, AdapterError, UnsupportedModelError,
-            CheckpointError, ExportError, FuseError, HFLayoutError)
-
-
-def _fail(message: str) -> None:
-    click.echo(f"drlora-mlx: error: {message}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
+def _fail(message: str, code: int = EXIT_BAD_INPUT, label: str = "error") -> None:
+    prefix = f"drlora-mlx: {label}: " if label else "drlora-mlx: "
+    click.echo(prefix + message.replace("\n", " "), err=True)
+    sys.exit(code)
 
 
 # ----- options made from the dataclasses ----------------------------------------
@@ -66,17 +45,18 @@ def _click_type(f):
     return str
 
 
-def _options(dataclass_type, skip=()):
+def _options(dataclass_type, only=None, required=()):
+    """One click option per field (``only``: these fields), with the field's help text."""
     opts = []
     for f in fields(dataclass_type):
-        if f.name in skip:
+        if only is not None and f.name not in only:
             continue
         flag = "--" + f.name.replace("_", "-")
         if "bool" in str(f.type):
-            decls = [f"{flag}/--no-{flag[2:]}"] if f.default is True else [flag]
-            opts.append(click.Option(decls, is_flag=True, default=None, help=f.metadata.get("help")))
+            opts.append(click.Option([f"{flag}/--no-{flag[2:]}"], default=None, help=f.metadata.get("help")))
         else:
-            opts.append(click.Option([flag], type=_click_type(f), default=None, help=f.metadata.get("help")))
+            opts.append(click.Option([flag], type=_click_type(f), default=None, required=f.name in required,
+                                     help=f.metadata.get("help")))
     return opts
 
 
@@ -89,72 +69,6 @@ def _given(ctx: click.Context) -> dict:
     }
 
 
-def read_yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path) as f:
-            loaded = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise InputError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise InputError(f"config file {path}{where}: not valid YAML") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise InputError(f"config file {path}: expected a mapping of settings, got {type(loaded).__name__}")
-    return loaded
-
-
-def _check_type(key: str, value, kind: str, source: str):
-    """A YAML value of the field's type (ints where floats are expected are fine)."""
-    if value is None and "None" in kind:
-        return value
-    if key == "targets" and isinstance(value, (list, str)):
-        return value
-    if "bool" in kind:
-        ok = isinstance(value, bool)
-    elif "float" in kind:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif "int" in kind:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        want = next(t for t in ("bool", "float", "int", "str") if t in kind)
-        raise InputError(f"{source}: {key} must be {want}, got {value!r}")
-    return float(value) if "float" in kind else value
-
-
-def build_configs(given: dict, yaml_settings: dict, source: str = "config file", base: dict | None = None):
-    """(TrainingArgs, DRLoRAConfig) from command-line and YAML settings, over
-    ``base`` (a resumed run's own settings) and the defaults."""
-    import difflib
-
-    from .train import BUILTIN_PRESET
-    from .trainer import TrainingArgs
-
-    train_names = {f.name for f in fields(TrainingArgs)}
-    method_names = {f.name for f in fields(DRLoRAConfig)}
-    known = sorted(train_names | method_names)
-    for key in yaml_settings:
-        if key not in known:
-            close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise InputError(f"{source}: unknown key {key!r}{hint}")
-    types_of = {f.name: str(f.type) for f in fields(TrainingArgs) + fields(DRLoRAConfig)}
-    settings = dict(base or {})
-    settings.update({k: _check_type(k, v, types_of[k], source) for k, v in yaml_settings.items()})
-    settings.update(given)
-    if settings.get("model") is None:
-        settings = {**BUILTIN_PRESET, **settings}
-    args = TrainingArgs(**{k: v for k, v in settings.items() if k in train_names})
-    config = DRLoRAConfig(**{k: v for k, v in settings.items() if k in method_names})
-    return args, config
-
-
 # ----- commands ---------------------------------------------------------------
 
 
@@ -165,74 +79,47 @@ def cli():
 
 
 def _train(ctx: click.Context, config_file: str | None, **_):
-    from .trainer import TrainingArgs  # noqa: F401  (imports mlx lazily)
+    from .start import decide
     from .train import run
-
-    from . import checkpoint
-    from .export import read_export
-    from .train import is_peft_export
 
     given = _given(ctx)
     given.pop("config_file", None)
-    yaml_settings = read_yaml(config_file) if config_file else {}
-    layered = {**yaml_settings, **given}
-    base = None
-    if layered.get("resume_from") and is_peft_export(layered["resume_from"]):
-        # Starting from a PEFT export: its method settings, the rest as given.
-        base = read_export(layered["resume_from"])["method"]
-    elif layered.get("resume") or layered.get("resume_from"):
-        # A resumed run keeps its own settings unless told otherwise.
-        meta = checkpoint.find_meta(layered.get("adapter_path", "adapters"), layered.get("resume_from"))
-        saved = meta["settings"]
-        base = {k: v for k, v in {**saved["training"], **saved["method"]}.items()
-                if k not in ("resume", "resume_from", "adapter_path")}
-    args, config = build_configs(given, yaml_settings, f"config file {config_file}", base)
-    run(args, config)
+    file_settings = read_yaml(config_file) if config_file else {}
+    layered = {**file_settings, **given}
+    default = TrainingArgs.__dataclass_fields__["adapter_path"].default
+    start = decide(layered.get("adapter_path") or default, bool(layered.get("resume")), layered.get("resume_from"))
+    args, config = resolve(given, file_settings, f"config file {config_file}", start.base_settings())
+    run(args, config, start=start)
 
 
 def _make_train_command():
-    from .trainer import TrainingArgs
-
-    params = [click.Option(["-c", "--config", "config_file"], type=str, default=None, help="YAML file of settings (keys: the flag names with underscores).")]
+    params = [click.Option(["-c", "--config", "config_file"], type=str, default=None,
+                           help="YAML file of settings (keys: the flag names with underscores).")]
     params += _options(TrainingArgs) + _options(DRLoRAConfig)
     return click.Command(
         "train",
         callback=click.pass_context(_train),
         params=params,
-        help="Fine-tune an MoE model with DR-LoRA (or uniform LoRA). With no arguments: the built-in tiny MoE on the bundled tasks.",
+        help="Fine-tune an MoE model with DR-LoRA (or uniform LoRA). With no arguments: the built-in tiny MoE on "
+             "the bundled tasks.",
     )
 
 
 cli.add_command(_make_train_command())
 
+# The method settings a growth plan depends on.
+_PLAN_METHOD = ("r_init", "r_target", "r_max", "grow_every", "grow_fraction", "warmup_ratio", "growth_buffer",
+                "targets", "allocation")
 
-@cli.command()
-@click.option("--layers", type=int, required=True, help="MoE layers.")
-@click.option("--experts", type=int, required=True, help="Routed experts per layer.")
-@click.option("--r-init", type=int, required=True)
-@click.option("--r-max", type=int, required=True)
-@click.option("--r-target", type=int, required=True)
-@click.option("--iters", type=int, required=True, help="Optimizer steps T.")
-@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
-@click.option("--grow-every", type=int, default=None, help="T_grow [default: 200, less for short runs]")
-@click.option("--growth-buffer", type=int, default=None, help="T_buffer [default: 200, less for short runs]")
-@click.option("--grow-fraction", type=float, default=0.1, show_default=True)
-@click.option("--modules-per-expert", type=int, default=2, show_default=True, help="Adapted projections per expert.")
-@click.option("--at", "at_steps", type=str, default=None, help="Comma list of steps to report the mean rank at.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan(layers, experts, r_init, r_max, r_target, iters, warmup_ratio, grow_every, growth_buffer, grow_fraction,
-         modules_per_expert, at_steps, as_json):
-    """Print the growth plan of a configuration, without any model."""
-    if layers < 1 or experts < 1 or modules_per_expert < 1:
-        raise InputError("--layers, --experts and --modules-per-expert must be at least 1")
-    targets = ("gate_proj", "up_proj", "down_proj")[-modules_per_expert:] if modules_per_expert <= 3 else None
-    if targets is None:
-        raise InputError(f"--modules-per-expert must be 1, 2 or 3; got {modules_per_expert}")
-    config = DRLoRAConfig(
-        r_init=r_init, r_max=r_max, r_target=r_target, warmup_ratio=warmup_ratio, grow_every=grow_every,
-        growth_buffer=growth_buffer, grow_fraction=grow_fraction, targets=targets,
-    )
-    schedule = config.schedule(iters, modules_per_expert * experts)
+
+def _plan(ctx: click.Context, layers: int, experts: int, at_steps: str | None, as_json: bool, **_):
+    given = _given(ctx)
+    if layers < 1 or experts < 1:
+        raise InputError("--layers and --experts must be at least 1")
+    method = {k: v for k, v in given.items() if k in _PLAN_METHOD}
+    config = DRLoRAConfig(**method)
+    iters = given["iters"] // given.get("grad_accumulation_steps", 1)
+    schedule = config.schedule(iters, len(config.targets) * experts)
     try:
         steps = [int(s) for s in at_steps.split(",") if s.strip()] if at_steps else []
     except ValueError:
@@ -246,8 +133,8 @@ def plan(layers, experts, r_init, r_max, r_target, iters, warmup_ratio, grow_eve
         click.echo(json.dumps(summary))
         return
     click.echo(
-        f"T={iters} optimizer steps, {layers} layers x {modules_per_expert * experts} modules, "
-        f"ranks {r_init} -> {r_target} (max {r_max})"
+        f"T={iters} optimizer steps, {layers} layers x {schedule.n_modules} modules, "
+        f"ranks {schedule.r_init} -> {schedule.r_target} (max {schedule.r_max})"
     )
     click.echo(
         f"warm-up until step {summary['warmup_steps']}, growth every {summary['grow_every']} steps until step "
@@ -265,6 +152,22 @@ def plan(layers, experts, r_init, r_max, r_target, iters, warmup_ratio, grow_eve
     click.echo("step      mean rank")
     for s, r in summary["mean_rank"].items():
         click.echo(f"{int(s):>8}  {r:>9.2f}")
+
+
+def _make_plan_command():
+    params = [
+        click.Option(["--layers"], type=int, required=True, help="MoE layers."),
+        click.Option(["--experts"], type=int, required=True, help="Routed experts per layer."),
+        *_options(TrainingArgs, only=("iters", "grad_accumulation_steps"), required=("iters",)),
+        *_options(DRLoRAConfig, only=_PLAN_METHOD),
+        click.Option(["--at", "at_steps"], type=str, default=None, help="Comma list of steps to report the mean rank at."),
+        click.Option(["--json", "as_json"], is_flag=True, help="Print one JSON object."),
+    ]
+    return click.Command("plan", callback=click.pass_context(_plan), params=params,
+                         help="Print the growth plan of a configuration, without any model.")
+
+
+cli.add_command(_make_plan_command())
 
 
 @cli.command()
@@ -336,29 +239,13 @@ def fuse(model, adapter_path, save_path, dequantize, requantize):
 
 def main(argv=None) -> None:
     """Entry point of the console script and ``python -m drlora_mlx``."""
-    from .train import Interrupted
-    from .trainer import DivergenceError, NonFiniteError
-
-    bad_input = _bad_input_types()
     try:
         cli.main(args=argv, prog_name="drlora-mlx", standalone_mode=False)
-    except NonFiniteError as e:
-        click.echo(f"drlora-mlx: error: {e}", err=True)
-        sys.exit(EXIT_NONFINITE)
-    except DivergenceError as e:
-        click.echo(f"drlora-mlx: error: {e}", err=True)
-        sys.exit(EXIT_DIVERGED)
-    except Interrupted as e:
-        click.echo(f"drlora-mlx: {e}", err=True)
-        sys.exit(e.exit_code)
+    except DRLoRAError as e:
+        _fail(str(e), e.exit_code, e.label)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("drlora-mlx: interrupted", err=True)
-        sys.exit(130)
+        _fail("interrupted", 130, "")
     except click.ClickException as e:
-        _fail(e.format_message().replace("\n", " "))
-    except bad_input as e:
-        _fail(str(e).replace("\n", " "))
-    except OSError as e:
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-            _fail(f"{e.strerror}: {e.filename}")
-        raise
+        _fail(e.format_message())
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        _fail(f"{e.strerror}: {e.filename}")

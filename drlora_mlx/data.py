@@ -15,11 +15,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .errors import InputError
+
 BUNDLED = Path(__file__).resolve().parent / "data" / "tasks"
 PAD_TO = 32  # batch lengths are padded to a multiple of this: few compiled shapes
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad training data; the message names the file (and line)."""
 
 

@@ -20,7 +20,6 @@ written.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +29,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import __version__
-from .adapters import ADAPTER_WEIGHTS, ROUTER_WEIGHTS, STATE_WEIGHTS, AdapterError, read_config, read_json
-from .attach import DRLoRA, attach
+from .adapters import ADAPTER_WEIGHTS, AdapterError, read_arrays, read_config, read_json, read_state
+from .attach import attach
 from .config import DRLoRAConfig
+from .drlora import DRLoRA
+from .errors import InputError
+from .files import write_bytes, write_json
 from .families import FAMILIES, family_of
 from .hf_families import HFFamily, hf_family
 from .peft_layout import PREFIX, Module, Pair, fused_plan, linear_plan, pack, per_expert_plan, unpack
@@ -43,7 +45,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 EXPORT_INFO = "drlora_export.json"
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """An adapter that cannot be expressed in the requested PEFT layout; the message says why."""
 
 
@@ -64,51 +66,32 @@ def _numpy(x: mx.array) -> np.ndarray:
     return np.array(x.astype(mx.float32))
 
 
-def _load(path: Path, what: str) -> dict[str, mx.array]:
-    if not path.exists():
-        raise AdapterError(f"{path.parent} is not a complete drlora-mlx adapter directory ({what} {path.name} is missing)")
-    return mx.load(str(path))
-
-
-def _extra_rank(config: DRLoRAConfig, path: str) -> int:
-    """attach() puts attention LoRA under ``self_attn`` and gives everything else the shared-expert rank."""
-    return config.attention_rank if ".self_attn." in path else config.shared_expert_rank
-
-
 def read_adapter(adapter_path: str | os.PathLike) -> Adapter:
     """The adapter that ``drlora-mlx train`` saved in ``adapter_path``."""
     adapter_path = Path(adapter_path)
     meta = read_config(adapter_path)
     config = DRLoRAConfig.from_dict(meta["method"])
     family = meta["family"]
-    weights = _load(adapter_path / ADAPTER_WEIGHTS, "adapter weights")
-    state = _load(adapter_path / STATE_WEIGHTS, "DR-LoRA state")
-    r_max = config.ranks[2]
+    weights = read_arrays(adapter_path / ADAPTER_WEIGHTS, "adapter weights")
+    blocks = [next(iter(entry["modules"].values())).rsplit(".", 2)[0] for entry in meta["layers"]]
+    routers = [f"{block}.{FAMILIES[family].router}" for block in blocks]
+    saved = read_state(adapter_path, routers)
+    r_max = config.ranks.r_max
     adapter = Adapter(family, meta["model"], config, [], [])
-    seen = set()
-    for entry in meta["layers"]:
+    for block, entry in zip(blocks, meta["layers"]):
         modules = {}
         for target, path in entry["modules"].items():
             a = _numpy(weights[f"{path}.lora_a"][:, :r_max])
             b = _numpy(weights[f"{path}.lora_b"][..., :r_max])
-            ranks = tuple(int(r) for r in np.asarray(state[f"{path}.rank_mask"].sum(axis=-1)))
-            modules[target] = Module(path, ranks, a.shape[2], b.shape[1])
+            modules[target] = Module(path, saved.expert_ranks[path], a.shape[2], b.shape[1])
             adapter.factors[path] = (a, b)
-            seen.add(path)
-        block = next(iter(entry["modules"].values())).rsplit(".", 2)[0]
         adapter.layers.append((block, modules))
-        router = f"{block}.{FAMILIES[family].router}"
-        seen.update({router, f"{router}.layer"})  # a router carried as LoRA for mlx-lm
-    for key in sorted(weights):
-        path = key[: -len(".lora_a")]
-        if key.endswith(".lora_a") and path not in seen:
-            r = _extra_rank(config, path)
-            a = _numpy(weights[key][:, :r]).T[None]
-            b = _numpy(weights[f"{path}.lora_b"][:r]).T[None]
-            adapter.extras.append(Module(path, (r,), a.shape[2], b.shape[1]))
-            adapter.factors[path] = (a, b)
-    if (adapter_path / ROUTER_WEIGHTS).exists():
-        adapter.routers = {k: _numpy(v) for k, v in mx.load(str(adapter_path / ROUTER_WEIGHTS)).items()}
+    for path, r in sorted(saved.fixed_ranks.items()):
+        a = _numpy(weights[f"{path}.lora_a"][:, :r]).T[None]
+        b = _numpy(weights[f"{path}.lora_b"][:r]).T[None]
+        adapter.extras.append(Module(path, (r,), a.shape[2], b.shape[1]))
+        adapter.factors[path] = (a, b)
+    adapter.routers = {k: _numpy(v) for k, v in saved.routers.items()}
     return adapter
 
 
@@ -215,12 +198,6 @@ def _layer_summaries(adapter: Adapter, pairs: list[Pair]) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def export_peft(adapter_path: str | os.PathLike, out: str | os.PathLike, layout: str = "fused") -> ExportReport:
     """Write the PEFT export of the adapter in ``adapter_path`` to ``out``."""
     from safetensors.numpy import save
@@ -256,9 +233,9 @@ def export_peft(adapter_path: str | os.PathLike, out: str | os.PathLike, layout:
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / PEFT_WEIGHTS, data)
-    _write_atomic(out / PEFT_CONFIG, _json(_peft_config(adapter, experts, extras, layout, hf)))
-    _write_atomic(out / EXPORT_INFO, _json(info))
+    write_bytes(out / PEFT_WEIGHTS, data)
+    write_json(out / PEFT_CONFIG, _peft_config(adapter, experts, extras, layout, hf))
+    write_json(out / EXPORT_INFO, info)
     return report
 
 
@@ -268,10 +245,6 @@ def _module_info(m: Module) -> dict:
 
 def _module(info: dict) -> Module:
     return Module(info["path"], tuple(info["ranks"]), info["in"], info["out"])
-
-
-def _json(obj: dict) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 # ----- import -------------------------------------------------------------------
@@ -291,13 +264,14 @@ def read_export(peft_dir: str | os.PathLike) -> dict:
     return info
 
 
-def import_peft(model, peft_dir: str | os.PathLike) -> DRLoRA:
+def import_peft(model, peft_dir: str | os.PathLike, info: dict | None = None) -> DRLoRA:
     """Attach DR-LoRA to ``model`` (the export's base, loaded by mlx-lm) and load a
-    drlora-mlx PEFT export into it: factors, per-expert ranks and trained router."""
+    drlora-mlx PEFT export into it: factors, per-expert ranks and trained router.
+    ``info``: the export's record as ``read_export`` returned it (read here if not given)."""
     from safetensors.numpy import load_file
 
     peft_dir = Path(peft_dir)
-    info = read_export(peft_dir)
+    info = info if info is not None else read_export(peft_dir)
     if family_of(model) != info["family"]:
         raise AdapterError(f"{peft_dir} was exported from a {info['family']} model, not {family_of(model)}")
     config = DRLoRAConfig.from_dict(info["method"])
@@ -311,8 +285,8 @@ def import_peft(model, peft_dir: str | os.PathLike) -> DRLoRA:
         raise AdapterError(f"{peft_dir} does not fit this model: its modules differ from the model's adapted layers")
     for _, modules in layers:
         for m in modules.values():
-            adapter.factors[m.path] = (np.zeros((len(m.ranks), config.ranks[2], m.in_dims), np.float32),
-                                       np.zeros((len(m.ranks), m.out_dims, config.ranks[2]), np.float32))
+            adapter.factors[m.path] = (np.zeros((len(m.ranks), config.ranks.r_max, m.in_dims), np.float32),
+                                       np.zeros((len(m.ranks), m.out_dims, config.ranks.r_max), np.float32))
     for m in adapter.extras:
         adapter.factors[m.path] = (np.zeros((1, m.ranks[0], m.in_dims), np.float32),
                                    np.zeros((1, m.out_dims, m.ranks[0]), np.float32))

@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from .errors import InputError
+
 
 def softmax_then_topk(renorm_attr: Optional[str] = None) -> Callable:
     """Softmax over all experts, keep the chosen k; renormalised over the k
@@ -81,7 +83,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError):
     """The model is not an MoE model drlora-mlx can adapt."""
 
 

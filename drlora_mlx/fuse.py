@@ -24,15 +24,17 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .adapters import load_into, read_config
+from .errors import InputError
 from .families import family_of
 from .hf_checkpoint import copy_tokenizer, readable_by_both, save_hf_checkpoint, save_weights
 from .routing import unobserve
+from .tree import module_at, replace_module
 
 PROBE_TEXTS = 4
 PROBE_TOKENS = 64
 
 
-class FuseError(ValueError):
+class FuseError(InputError):
     """A fuse request that cannot be carried out; the message says why."""
 
 
@@ -95,17 +97,14 @@ def _merge(drlora, dtype: mx.Dtype) -> list[tuple[nn.Module, str, nn.Module]]:
     merged = []
     for layer in drlora.layers:
         for name, module in zip(layer.module_names, layer.modules):
-            setattr(layer.experts, name, module.fuse(dequantize=True, dtype=dtype))
+            setattr(layer.experts, name, module.fuse(dtype=dtype))
             merged.append((layer.experts, name, module.linear))
         unobserve(layer.experts)
         unobserve(layer.router)
     for path, lora in drlora.extra_loras:
-        *parents, name = path.split(".")
-        parent = drlora.model
-        for p in parents:
-            parent = parent[int(p)] if p.isdigit() else parent[p]
-        setattr(parent, name, lora.fuse(dequantize=True))
-        merged.append((parent, name, lora.linear))
+        parent_path, _, name = path.rpartition(".")
+        replace_module(drlora.model, path, lora.fuse(dequantize=True))
+        merged.append((module_at(drlora.model, parent_path), name, lora.linear))
     return merged
 
 

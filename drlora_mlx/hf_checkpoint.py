@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .errors import InputError
 from .hf_families import HFFamily, hf_family
 
 _EXPERT_KEY = re.compile(
@@ -29,7 +30,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
 
 
-class HFLayoutError(ValueError):
+class HFLayoutError(InputError):
     """A model that cannot be written as a Hugging Face checkpoint; the message says why."""
 
 

@@ -34,8 +34,6 @@ class HFFamily:
     renames: tuple[tuple[str, str], ...] = ()
     # the fused gate_up_proj output rows: "concat" ([gate; up]) or "interleave" (gpt-oss)
     gate_up: str = "concat"
-    # fused expert parameters stored (E, in, out) in transformers (gpt-oss)
-    transposed: bool = False
     # config.json keys transformers needs where its defaults differ from mlx-lm's
     config: dict = field(default_factory=dict)
     # why the per-expert adapter layout cannot work for this family ("" when it can): it must load
@@ -45,21 +43,11 @@ class HFFamily:
     def expert_name(self, projection: str) -> str:
         return dict(self.expert_names)[projection]
 
-    def projection_of(self, expert_name: str) -> str:
-        return {hf: mlx for mlx, hf in self.expert_names}[expert_name]
-
     def fused_path(self, path: str) -> str:
         """A module or parameter path as transformers 5 names it."""
         path += "."
         for old, new in self.renames:
             path = path.replace(old, new)
-        return path[:-1]
-
-    def unfused_path(self, path: str) -> str:
-        """The inverse of ``fused_path``."""
-        path += "."
-        for old, new in reversed(self.renames):
-            path = path.replace(new, old)
         return path[:-1]
 
 
@@ -93,7 +81,6 @@ HF_FAMILIES: dict[str, HFFamily] = {
     "gpt_oss": HFFamily(
         storage="gpt_oss",
         gate_up="interleave",
-        transposed=True,
         config={"rope_scaling": {"rope_type": "default"}},
         per_expert_refusal=_FUSED_IN_TRANSFORMERS_4,
     ),

@@ -28,6 +28,11 @@ def prefix_mask(ranks, r_max: int) -> mx.array:
     return mx.array((np.arange(r_max) < ranks[..., None]).astype(np.float32))
 
 
+def ranks_of(mask) -> np.ndarray:
+    """The active ranks that a prefix mask (..., r_max) encodes."""
+    return np.asarray(mx.array(mask).sum(axis=-1)).astype(np.int64)
+
+
 def dequantized_weight(linear) -> mx.array:
     """The float weight of a (possibly quantized) linear or switch-linear layer."""
     if "scales" not in linear:
@@ -73,7 +78,7 @@ class MaskedLoRASwitchLinear(nn.Module):
 
     def ranks(self) -> np.ndarray:
         """The active rank of every expert."""
-        return np.asarray(self.rank_mask.sum(axis=-1)).astype(np.int64)
+        return ranks_of(self.rank_mask)
 
     def set_ranks(self, ranks) -> None:
         """Activate the first ranks[e] ranks of every expert e. A width too
@@ -112,10 +117,9 @@ class MaskedLoRASwitchLinear(nn.Module):
         a, b = self.masked_factors()
         return self.scale * (b @ a)
 
-    def fuse(self, dequantize: bool = True, dtype: mx.Dtype | None = None) -> nn.Module:
+    def fuse(self, dtype: mx.Dtype | None = None) -> SwitchLinear:
         """The base layer with the update merged in, as a float ``SwitchLinear`` in
-        ``dtype`` (default: the base weight's), or quantized again with the base's
-        settings when ``dequantize`` is False."""
+        ``dtype`` (default: the base weight's)."""
         linear = self.linear
         weight = dequantized_weight(linear)
         if dtype is not None:
@@ -125,6 +129,4 @@ class MaskedLoRASwitchLinear(nn.Module):
         fused.weight = weight + self.delta().astype(weight.dtype)
         if "bias" in linear:
             fused.bias = linear.bias
-        if isinstance(linear, QuantizedSwitchLinear) and not dequantize:
-            fused = fused.to_quantized(group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
         return fused

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import InputError
 
-class ModelError(ValueError):
+
+class ModelError(InputError):
     """A model that cannot be loaded; the message says why and what to do."""
 
 

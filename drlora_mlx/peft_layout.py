@@ -32,9 +32,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import InputError
 from .hf_families import HFFamily
 
 PREFIX = "base_model.model."
+
+
+class LayoutError(InputError):
+    """PEFT tensors that do not have the shapes their plan says."""
 
 
 @dataclass(frozen=True)
@@ -180,11 +185,14 @@ def unpack(pairs: list[Pair], tensors: dict[str, np.ndarray], factors: dict[str,
     """The inverse of ``pack``: fill ``factors`` (zeroed arrays of the modules' shapes) in place."""
     for pair in pairs:
         E, R = pair.experts, pair.rank
-        lora_a = tensors[f"{PREFIX}{pair.key}.lora_A.weight"]
-        lora_b = tensors[f"{PREFIX}{pair.key}.lora_B.weight"]
+        keys = [f"{PREFIX}{pair.key}.lora_{x}.weight" for x in "AB"]
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise LayoutError(f"the PEFT adapter has no tensor {missing[0]}; it was not written for this layout")
+        lora_a, lora_b = (tensors[k] for k in keys)
         expected = {(E * R, pair.in_dims), (pair.out_dims, R * E)}
         if {lora_a.shape, lora_b.shape} != expected:
-            raise ValueError(f"{pair.key}: PEFT tensors {lora_a.shape} / {lora_b.shape}, expected {sorted(expected)}")
+            raise LayoutError(f"{pair.key}: PEFT tensors {lora_a.shape} / {lora_b.shape}, expected {sorted(expected)}")
         for s in pair.slots:
             a, b = factors[s.source]
             ks = np.arange(s.offset, s.offset + s.rank)

@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .masked_lora import dequantized_weight
+
 _OBSERVED_CLASSES: dict[type, type] = {}
 
 
@@ -57,6 +59,20 @@ def unobserve(module: nn.Module) -> None:
         module.__class__ = type(module).__mro__[1]
         for attr in ("_drlora_recorder", "_drlora_site", "_drlora_role"):
             object.__delattr__(module, attr)
+
+
+def router_linear(router: nn.Module) -> tuple[str, nn.Module]:
+    """The linear map inside a router, with its path relative to the router:
+    the router itself ("") for linear gates, ``layer`` for Granite's gating,
+    and the router for DeepSeek-style gates that hold a bare ``weight``."""
+    if "layer" in router and isinstance(router["layer"], nn.Module):
+        return "layer", router["layer"]
+    return "", router
+
+
+def router_weight(router: nn.Module) -> mx.array:
+    """The router's (experts x hidden) weight as float."""
+    return dequantized_weight(router_linear(router)[1])
 
 
 @dataclass

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 # The paper's growth interval and buffer; short runs scale them down.
 PAPER_GROW_EVERY = 200
 PAPER_GROWTH_BUFFER = 200
@@ -32,7 +34,7 @@ def auto_growth_buffer(total_steps: int) -> int:
     return max(1, min(PAPER_GROWTH_BUFFER, total_steps // 20))
 
 
-class ScheduleError(ValueError):
+class ScheduleError(InputError):
     """A growth schedule that cannot run; the message names the flag to change."""
 
 
@@ -47,8 +49,8 @@ class GrowthSchedule:
     total_steps: int
     n_modules: int
     r_init: int
-    r_max: int
     r_target: int
+    r_max: int
     warmup_ratio: float = 0.03
     grow_every: int = PAPER_GROW_EVERY
     growth_buffer: int = PAPER_GROWTH_BUFFER

@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .errors import InputError
 from .families import FAMILIES
 from .hf_checkpoint import save_hf_checkpoint
 
@@ -34,7 +35,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-BUILD_VERSION = 2  # bump when the recipe changes, so caches rebuild
+BUILD_VERSION = 3  # bump when the recipe changes, so caches rebuild
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _family_config(family: str, s: TinyShape) -> dict:
         },
     }
     if family not in per_family:
-        raise ValueError(f"no tiny configuration for family {family!r}; choose from {', '.join(sorted(per_family))}")
+        raise InputError(f"no tiny configuration for family {family!r}; choose from {', '.join(sorted(per_family))}")
     return {**common, **per_family[family]}
 
 
@@ -217,9 +218,9 @@ def build_tiny(
     layout that transformers also reads; float, gpt-oss experts in MXFP4).
     """
     if layout not in ("mlx", "hf"):
-        raise ValueError(f"layout must be 'mlx' or 'hf', got {layout!r}")
+        raise InputError(f"layout must be 'mlx' or 'hf', got {layout!r}")
     if layout == "hf" and quantize_bits is not None:
-        raise ValueError("the Hugging Face layout is written in float: transformers does not read MLX quantization")
+        raise InputError("the Hugging Face layout is written in float: transformers does not read MLX quantization")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = _family_config(family, shape)
@@ -269,9 +270,8 @@ def tiny_model_path(
     layout: str = "mlx",
 ) -> Path:
     """The cached tiny checkpoint for these settings, built on first use."""
-    settings = {"v": BUILD_VERSION, "family": family, "shape": asdict(shape), "seed": seed, "q": quantize_bits}
-    if layout != "mlx":  # keeps the cache keys of mlx-layout checkpoints as they were
-        settings["layout"] = layout
+    settings = {"v": BUILD_VERSION, "family": family, "shape": asdict(shape), "seed": seed, "q": quantize_bits,
+                "layout": layout}
     key = json.dumps(settings, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = cache_dir() / f"tiny-{family}-{digest}"
@@ -289,3 +289,13 @@ def tiny_model_path(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# The model `drlora-mlx train` trains when no --model is given.
+BUILTIN_FAMILY = "qwen3_moe"
+BUILTIN_SHAPE = TinyShape(hidden=128, layers=4, experts=16, top_k=4, expert_dim=64, heads=4, kv_heads=2, vocab=512)
+
+
+def builtin_model_path() -> Path:
+    """The built-in tiny MoE checkpoint (built on first use)."""
+    return tiny_model_path(BUILTIN_FAMILY, BUILTIN_SHAPE)

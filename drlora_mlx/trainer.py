@@ -13,10 +13,9 @@ the LoRA width moves to the next bucket (``DRLoRA.fit_width``).
 
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,16 +23,21 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .attach import DRLoRA
-from .config import ConfigError
+from . import state
+from .checkpoint import CheckpointError
+from .config import TrainingArgs
+from .drlora import DRLoRA
+from .errors import RunStopped
 from .data import Batches, eval_batches
+from .growth import grow
 from .progress import MetricsLog, Progress
+from .report import event_summary
 
-LR_SCHEDULES = ("linear", "cosine", "constant")
 
-
-class DivergenceError(RuntimeError):
+class DivergenceError(RunStopped):
     """Data-parallel processes hold different rank masks."""
+
+    exit_code = 4
 
     def __init__(self, step: int, rank: int):
         super().__init__(
@@ -42,8 +46,10 @@ class DivergenceError(RuntimeError):
         )
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunStopped):
     """A loss or gradient became NaN or infinite."""
+
+    exit_code = 3
 
     def __init__(self, iteration: int, step: int, loss: float):
         super().__init__(
@@ -51,62 +57,6 @@ class NonFiniteError(RuntimeError):
             "stopped without applying it. Lower --learning-rate, or pass --skip-nonfinite N to skip bad batches"
         )
         self.iteration = iteration
-
-
-def _help(text: str, **extra):
-    return {"help": text, **extra}
-
-
-@dataclass
-class TrainingArgs:
-    """How to train: data, optimisation, reporting. (The method is ``DRLoRAConfig``.)"""
-
-    model: str | None = field(default=None, metadata=_help("Local model folder or Hugging Face id (default: the built-in tiny MoE)."))
-    data: str | None = field(default=None, metadata=_help("Folder with train.jsonl, valid.jsonl, test.jsonl (default: the bundled tasks)."))
-    adapter_path: str = field(default="adapters", metadata=_help("Where the adapter, metrics and state are written."))
-    iters: int = field(default=1000, metadata=_help("Training iterations (batches)."))
-    batch_size: int = field(default=4, metadata=_help("Examples per batch."))
-    learning_rate: float = field(default=1e-5, metadata=_help("Peak AdamW learning rate."))
-    lr_schedule: str = field(default="linear", metadata=_help("Decay after the warm-up.", choices=LR_SCHEDULES))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (never applied to inactive ranks)."))
-    max_seq_length: int = field(default=2048, metadata=_help("Longer examples are truncated."))
-    grad_accumulation_steps: int = field(default=1, metadata=_help("Batches per optimizer update."))
-    grad_checkpoint: bool = field(default=False, metadata=_help("Recompute activations in the backward pass to save memory."))
-    mask_prompt: bool = field(default=False, metadata=_help("Train on completions only (completions and chat data)."))
-    steps_per_report: int = field(default=10, metadata=_help("Iterations between loss reports."))
-    steps_per_eval: int = field(default=200, metadata=_help("Iterations between validation-loss evaluations."))
-    val_batches: int = field(default=25, metadata=_help("Validation batches per evaluation (-1: all)."))
-    save_every: int = field(default=100, metadata=_help("Iterations between adapter saves."))
-    seed: int = field(default=0, metadata=_help("Random seed (LoRA initialisation and batch order)."))
-    test: bool = field(default=False, metadata=_help("Evaluate the test set after training."))
-    test_batches: int = field(default=500, metadata=_help("Test batches to evaluate (-1: all)."))
-    resume: bool = field(default=False, metadata=_help("Continue the run in --adapter-path from its newest complete checkpoint."))
-    resume_from: str | None = field(default=None, metadata=_help("Continue from this checkpoint folder, or start from a `drlora-mlx export` PEFT adapter."))
-    keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints to keep (the newest)."))
-    skip_nonfinite: int = field(default=0, metadata=_help("Batches with a NaN/inf loss or gradient to skip before stopping."))
-
-    def __post_init__(self):
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
-        positive = ("iters", "batch_size", "max_seq_length", "grad_accumulation_steps", "steps_per_report",
-                    "steps_per_eval", "save_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
-        if self.keep_checkpoints < 1 or self.skip_nonfinite < 0:
-            raise ConfigError("keep_checkpoints must be at least 1 and skip_nonfinite at least 0")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be positive; got {self.learning_rate}")
-        if self.iters % self.grad_accumulation_steps:
-            raise ConfigError(
-                f"iters ({self.iters}) must be a multiple of grad_accumulation_steps ({self.grad_accumulation_steps})"
-            )
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.iters // self.grad_accumulation_steps
 
 
 def learning_rate_schedule(args: TrainingArgs, warmup_steps: int):
@@ -198,6 +148,31 @@ class TrainResult:
     interrupted: bool = False
 
 
+class Accumulation(NamedTuple):
+    """The sums of an unfinished optimizer step: gradients (flat, by parameter
+    path), routing sums (MoE layers x experts) and the loss-token count."""
+
+    grads: dict
+    routing: mx.array
+    tokens: mx.array
+
+
+@dataclass
+class ReportWindow:
+    """The iterations since the last report line."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    iterations: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.loss += loss
+        self.tokens += tokens
+        self.iterations += 1
+        self.seconds += seconds
+
+
 class Trainer:
     """Runs ``args.iters`` iterations of DR-LoRA training on ``model``."""
 
@@ -221,16 +196,13 @@ class Trainer:
         self.traces = 0
         self.router_trained = drlora.config.train_router == "always"
         self.iteration = 0  # iterations done
-        self.accum = None  # gradients and routing sums of an unfinished accumulation cycle
+        self.accum: Accumulation | None = None  # an unfinished accumulation cycle
         self.mean_rank = float(drlora.ranks().mean())
         self.last_tps = 0.0
         self.grow_seconds = 0.0  # wall time of the last growth event
         self.batch_state = {"epoch": 0, "position": 0}
         self.skipped = 0  # batches skipped for non-finite values
         self.stop_requested = False  # set from a signal handler: stop after this iteration
-        self._nan_at = {int(i) for i in os.environ.get("DRLORA_MLX_FAULT_NAN_AT", "").split(",") if i.strip()}
-        diverge = os.environ.get("DRLORA_MLX_FAULT_DIVERGE_RANK", "")
-        self._diverge_at_rank = int(diverge) if diverge.strip() else None
         if args.grad_checkpoint:
             grad_checkpoint(model)
 
@@ -266,20 +238,19 @@ class Trainer:
         totals = self._all_sum(mx.stack([ce_sum, n_tokens.astype(mx.float32), bad.astype(mx.float32)]))
         loss = totals[0] / mx.maximum(totals[1], 1.0)
         if accum is not None:
-            grads = {k: g + accum[0][k] for k, g in grads.items()}
-            routing = routing + accum[1]
-            n_tokens = n_tokens + accum[2]
-        return loss, totals[1], totals[2] == 0, (grads, routing, n_tokens)
+            grads = {k: g + accum.grads[k] for k, g in grads.items()}
+            routing = routing + accum.routing
+            n_tokens = n_tokens + accum.tokens
+        return loss, totals[1], totals[2] == 0, Accumulation(grads, routing, n_tokens)
 
-    def _update_step(self, accum):
+    def _update_step(self, accum: Accumulation):
         """The optimizer update of an accumulation cycle, after the statistics:
         gradient and routing sums over every micro-batch and process, divided
         by their token count."""
         self.traces += 1
-        flat, routing, n_tokens = accum
-        n_tokens = mx.maximum(self._all_sum(n_tokens).astype(mx.float32), 1.0)
-        grads = tree_unflatten([(k, self._all_sum(g) / n_tokens) for k, g in flat.items()])
-        routing = self._all_sum(routing)
+        n_tokens = mx.maximum(self._all_sum(accum.tokens).astype(mx.float32), 1.0)
+        grads = tree_unflatten([(k, self._all_sum(g) / n_tokens) for k, g in accum.grads.items()])
+        routing = self._all_sum(accum.routing)
         if self.schedule.n_events:  # uniform LoRA never grows: no statistics to keep
             self.drlora.update_statistics(grads, routing, n_tokens)
         before = self.drlora.factors() if self.args.weight_decay > 0 else None
@@ -310,7 +281,13 @@ class Trainer:
         self.model.train()
         return (total / mx.maximum(count, 1)).item()
 
-    # ----- the loop -------------------------------------------------------------
+    # ----- one iteration --------------------------------------------------------
+
+    def _accumulate(self, batch, lengths):
+        """The compiled gradient step on one batch: (loss, tokens, finite, accumulation)."""
+        out = self._compiled("grad")(mx.array(batch), mx.array(lengths), self.accum)
+        mx.eval(*out)
+        return out
 
     def train_step(self, batch, lengths):
         """One iteration: a batch through the compiled gradient step; at the end
@@ -324,9 +301,7 @@ class Trainer:
         do_update = it % args.grad_accumulation_steps == 0
         if self.drlora.config.train_router == "after-warmup":
             self._set_router(opt_step > self.schedule.warmup_steps)
-        with self._fault(it):
-            loss, n_tokens, finite, accum = self._compiled("grad")(mx.array(batch), mx.array(lengths), self.accum)
-            mx.eval(loss, n_tokens, finite, accum)
+        loss, n_tokens, finite, accum = self._accumulate(batch, lengths)
         self.iteration = it
         if finite.item():
             self.accum = accum
@@ -342,25 +317,24 @@ class Trainer:
             mx.eval(self._state())
             self.accum = None
         if do_update:
-            tic = time.perf_counter()
-            event = self.drlora.grow(opt_step, self.schedule)
-            if event is not None:
-                if self.world_size > 1:
-                    self._check_agreement(opt_step)
-                self.mean_rank = float(self.drlora.ranks().mean())
-                self.grow_seconds = time.perf_counter() - tic
+            event = self._grow(opt_step)
         return loss.item(), int(n_tokens.item()), event
+
+    def _grow(self, opt_step: int):
+        tic = time.perf_counter()
+        event = grow(self.drlora, opt_step, self.schedule)
+        if event is not None:
+            if self.world_size > 1:
+                self._check_agreement(opt_step)
+            self.mean_rank = float(self.drlora.ranks().mean())
+            self.grow_seconds = time.perf_counter() - tic
+        return event
 
     def _check_agreement(self, step: int) -> None:
         """Every process must hold the same rank masks after a growth event:
         compare a fingerprint of them (two integer checksums) across processes."""
-        ranks = self.drlora.ranks()
-        if self._diverge_at_rank == self.rank:  # test hook: one process grows differently
-            ranks[0, 0] = min(ranks[0, 0] + 1, self.drlora.r_max)
-            self.drlora.set_ranks(ranks)
-            self._diverge_at_rank = None
-        weights = np.arange(1, ranks.size + 1, dtype=np.int64)
-        flat = ranks.ravel().astype(np.int64)
+        flat = self.drlora.ranks().ravel().astype(np.int64)
+        weights = np.arange(1, flat.size + 1, dtype=np.int64)
         fingerprint = mx.array([int((flat * weights).sum() % 2_000_003), int((flat * flat).sum() % 2_000_003)],
                                dtype=mx.int32)
         low = mx.distributed.all_min(fingerprint, group=self.world, stream=mx.cpu)
@@ -368,140 +342,79 @@ class Trainer:
         if not mx.array_equal(low, high).item():
             raise DivergenceError(step, self.rank)
 
-    @contextmanager
-    def _fault(self, iteration: int):
-        """Test hook: DRLORA_MLX_FAULT_NAN_AT=3,7 makes those iterations'
-        gradients non-finite (a NaN in one B) without changing any weight."""
-        if iteration not in self._nan_at:
-            yield
-            return
-        _, module = next(iter(self.drlora.expert_modules()))
-        kept = module.lora_b
-        module.lora_b = kept * mx.array(float("nan"))
-        try:
-            yield
-        finally:
-            module.lora_b = kept
-
     # ----- checkpoints ----------------------------------------------------------
 
     def checkpoint_state(self) -> tuple[dict, dict]:
         """(arrays, meta) that let ``restore`` continue this run exactly."""
-        drlora = self.drlora
         arrays = {f"param.{k}": v for k, v in tree_flatten(self.model.trainable_parameters())}
-        for layer in drlora.layers:
-            for k, v in tree_flatten(layer.router.parameters()):
-                arrays[f"param.{layer.path}.{drlora.family.router}.{k}"] = v
-        for path, module in drlora.expert_modules():
-            arrays[f"state.{path}.rank_mask"] = module.rank_mask
-            arrays[f"state.{path}.importance"] = module.importance
-        arrays["state.routing.frequency"] = drlora.state.frequency
-        arrays["state.routing.seen"] = drlora.state.seen
+        arrays.update({f"state.{k}": v for k, v in state.encode(self.drlora).items()})
         arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
         if self.accum is not None:
             # Sums over every process, so a run with another process count can continue it.
-            grads, routing, n_tokens = self.accum
-            arrays.update({f"accum.grads.{k}": self._all_sum(v) for k, v in grads.items()})
-            arrays["accum.routing"], arrays["accum.tokens"] = self._all_sum(routing), self._all_sum(n_tokens)
-        meta = {
-            "iteration": self.iteration,
-            "router_trained": self.router_trained,
-            "batches": self.batch_state,
-            "skipped": self.skipped,
-            "mean_rank": self.mean_rank,
-        }
+            arrays.update({f"accum.grads.{k}": self._all_sum(v) for k, v in self.accum.grads.items()})
+            arrays["accum.routing"] = self._all_sum(self.accum.routing)
+            arrays["accum.tokens"] = self._all_sum(self.accum.tokens)
+        meta = {"router_trained": self.router_trained, "batches": self.batch_state, "skipped": self.skipped}
         return arrays, meta
 
     def restore(self, arrays: dict, meta: dict) -> None:
         """Continue from ``checkpoint_state``'s output (on a freshly attached model)."""
-        drlora = self.drlora
         self._set_router(bool(meta["router_trained"]))
-        params = {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")}
+        params = _section(arrays, "param.")
         known = dict(tree_flatten(self.model.parameters()))
-        missing = [k for k in params if k not in known or known[k].shape != params[k].shape]
-        if missing:
-            raise ValueError(f"checkpoint parameters do not fit this model: {', '.join(missing[:3])}")
+        misfits = [k for k in params if k not in known or known[k].shape != params[k].shape]
+        if misfits:
+            raise CheckpointError(
+                f"the checkpoint's parameters do not fit this model ({', '.join(misfits[:3])}); resume with the "
+                "model and settings it was made with"
+            )
         self.model.load_weights(list(params.items()), strict=False)
-        for path, module in drlora.expert_modules():
-            module.set_ranks(np.asarray(arrays[f"state.{path}.rank_mask"].sum(axis=-1)).astype(np.int64))
-            module.importance = arrays[f"state.{path}.importance"]
-        drlora.state.frequency = arrays["state.routing.frequency"]
-        drlora.state.seen = arrays["state.routing.seen"]
-        drlora.fit_width()
-        self.optimizer.state = tree_unflatten(
-            [(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")]
-        )
+        state.restore(self.drlora, _section(arrays, "state."))
+        self.optimizer.state = tree_unflatten(list(_section(arrays, "optimizer.").items()))
         self.optimizer.init(self.model.trainable_parameters())  # adds the empty branches flattening dropped
-        grads = [(k[len("accum.grads."):], v) for k, v in arrays.items() if k.startswith("accum.grads.")]
-        self.accum = (dict(grads), arrays["accum.routing"], arrays["accum.tokens"]) if grads else None
+        grads = _section(arrays, "accum.grads.")
+        self.accum = Accumulation(grads, arrays["accum.routing"], arrays["accum.tokens"]) if grads else None
         if self.accum is not None and self.rank != 0:  # the saved sums count once, on process 0
-            self.accum = tree_map(mx.zeros_like, self.accum)
+            self.accum = Accumulation(*tree_map(mx.zeros_like, tuple(self.accum)))
         self.iteration = int(meta["iteration"])
         self.batch_state = dict(meta["batches"])
         self.skipped = int(meta.get("skipped", 0))
-        self.mean_rank = float(drlora.ranks().mean())
-        mx.eval(self.model.parameters(), self.optimizer.state, drlora.state.parameters())
+        self.mean_rank = float(self.drlora.ranks().mean())
+        mx.eval(self.model.parameters(), self.optimizer.state, self.drlora.state.parameters())
+
+    # ----- the loop -------------------------------------------------------------
 
     def run(self, train_set, valid_set=None, on_save=None) -> TrainResult:
         """Train until ``args.iters``, evaluating, reporting and calling
         ``on_save(iteration)`` every ``save_every`` iterations and at the end."""
-        args, drlora = self.args, self.drlora
+        args = self.args
         result = TrainResult()
         batches = Batches(train_set, args.batch_size, args.max_seq_length, args.seed, self.rank, self.world_size)
         batches.restore(self.batch_state)
-        report_loss, report_tokens, report_steps, report_time = 0.0, 0, 0, 0.0
-        step_losses = []
+        window, step_losses = ReportWindow(), []
         mx.reset_peak_memory()
         start = time.perf_counter()
         self.model.train()
         while self.iteration < args.iters and not self.stop_requested:
             it = self.iteration + 1
             if valid_set is not None and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
-                val = self.evaluate(valid_set, args.val_batches)
-                result.val_losses.append((it, val))
-                self.progress.log(f"iter {it}: valid loss {val:.3f}")
-                self.metrics.write({"kind": "val", "step": it, "val_loss": val})
+                self._validate(valid_set, it, result)
             tic = time.perf_counter()
             loss, n_tokens, event = self.train_step(*next(batches))
             self.batch_state = batches.state()
-            report_time += time.perf_counter() - tic
+            window.add(loss, n_tokens, time.perf_counter() - tic)
             step_losses.append(loss)
             result.iteration_losses.append((it, loss))
-            report_loss += loss
-            report_tokens += n_tokens
-            report_steps += 1
             if it % args.grad_accumulation_steps == 0:
                 result.losses.append((it // args.grad_accumulation_steps, float(np.mean(step_losses))))
                 step_losses = []
             if event is not None and event.total:
-                result.events.append(event)
-                self.progress.log("grow " + event.summary(drlora)[:160])
-                self.metrics.write(
-                    {"kind": "growth", "step": it, "optimizer_step": event.step, "grown": event.total,
-                     "mean_rank": self.mean_rank}
-                )
+                self._log_growth(event, it, result)
             lr = float(self.optimizer.learning_rate.item())
             peak = mx.get_peak_memory() / 1e9
             if it % args.steps_per_report == 0 or it == args.iters:
-                tokens = report_tokens  # already counted over every process
-                record = {
-                    "kind": "train",
-                    "step": it,
-                    "loss": report_loss / report_steps,
-                    "lr": lr,
-                    "tokens_per_second": tokens / max(report_time, 1e-9),
-                    "peak_memory_gb": peak,
-                    "mean_rank": self.mean_rank,
-                    "trained_tokens": result.tokens + tokens,
-                }
-                result.tokens += tokens
-                self.metrics.write(record)
-                self.progress.log(
-                    f"iter {it}: loss {record['loss']:.3f} | lr {lr:.2e} | "
-                    f"{record['tokens_per_second']:,.0f} tok/s | peak {peak:.2f} GB | mean rank {self.mean_rank:.2f}"
-                )
-                self.last_tps = record["tokens_per_second"]
-                report_loss, report_tokens, report_steps, report_time = 0.0, 0, 0, 0.0
+                self._report(window, it, lr, peak, result)
+                window = ReportWindow()
             self.progress.update(
                 it,
                 f"loss {loss:.3f} | {self.last_tps:,.0f} tok/s | {peak:.2f} GB | lr {lr:.1e} | rank {self.mean_rank:.2f}",
@@ -513,3 +426,40 @@ class Trainer:
         result.peak_memory_gb = mx.get_peak_memory() / 1e9
         result.traces = self.traces
         return result
+
+    def _validate(self, valid_set, it: int, result: TrainResult) -> None:
+        val = self.evaluate(valid_set, self.args.val_batches)
+        result.val_losses.append((it, val))
+        self.progress.log(f"iter {it}: valid loss {val:.3f}")
+        self.metrics.write({"kind": "val", "step": it, "val_loss": val})
+
+    def _log_growth(self, event, it: int, result: TrainResult) -> None:
+        result.events.append(event)
+        self.progress.log("grow " + event_summary(self.drlora, event)[:160])
+        self.metrics.write({"kind": "growth", "step": it, "optimizer_step": event.step, "grown": event.total,
+                            "mean_rank": self.mean_rank})
+
+    def _report(self, window: ReportWindow, it: int, lr: float, peak: float, result: TrainResult) -> None:
+        tokens_per_second = window.tokens / max(window.seconds, 1e-9)  # tokens already counted over every process
+        result.tokens += window.tokens
+        record = {
+            "kind": "train",
+            "step": it,
+            "loss": window.loss / window.iterations,
+            "lr": lr,
+            "tokens_per_second": tokens_per_second,
+            "peak_memory_gb": peak,
+            "mean_rank": self.mean_rank,
+            "trained_tokens": result.tokens,
+        }
+        self.metrics.write(record)
+        self.progress.log(
+            f"iter {it}: loss {record['loss']:.3f} | lr {lr:.2e} | "
+            f"{tokens_per_second:,.0f} tok/s | peak {peak:.2f} GB | mean rank {self.mean_rank:.2f}"
+        )
+        self.last_tps = tokens_per_second
+
+
+def _section(arrays: dict, prefix: str) -> dict:
+    """The arrays whose names start with ``prefix``, without it."""
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}

@@ -39,9 +39,9 @@ from mlx_lm.tuner.trainer import default_loss  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
 from drlora_mlx.attach import attach  # noqa: E402
-from drlora_mlx.config import DRLoRAConfig  # noqa: E402
+from drlora_mlx.config import DRLoRAConfig, TrainingArgs  # noqa: E402
 from drlora_mlx.tiny import TinyShape, tiny_model_path  # noqa: E402
-from drlora_mlx.trainer import Trainer, TrainingArgs  # noqa: E402
+from drlora_mlx.trainer import Trainer  # noqa: E402
 
 SHAPES = {
     # hidden, layers, experts, top-k, expert dim; batch x sequence

@@ -42,10 +42,10 @@ from mlx_lm import load as mlx_lm_load  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 from drlora_mlx.attach import attach  # noqa: E402
-from drlora_mlx.config import DRLoRAConfig  # noqa: E402
+from drlora_mlx.config import DRLoRAConfig, TrainingArgs  # noqa: E402
 from drlora_mlx.data import eval_batches, load_datasets, read_jsonl  # noqa: E402
 from drlora_mlx.tiny import TinyShape  # noqa: E402
-from drlora_mlx.trainer import Trainer, TrainingArgs, make_loss  # noqa: E402
+from drlora_mlx.trainer import Trainer, make_loss  # noqa: E402
 
 from experiment_base import Pretraining, pretrained_base  # noqa: E402
 from experiment_data import TASKS, write_task  # noqa: E402

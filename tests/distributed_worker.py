@@ -15,7 +15,8 @@ from mlx_lm import load
 from drlora_mlx.attach import attach
 from drlora_mlx.config import DRLoRAConfig
 from drlora_mlx.data import bundled_data_dir, load_datasets
-from drlora_mlx.trainer import Trainer, TrainingArgs
+from drlora_mlx.config import TrainingArgs
+from drlora_mlx.trainer import Trainer
 
 
 def main(model_path: str, out: str) -> None:

@@ -106,9 +106,9 @@ def test_yaml_config_and_precedence(tiny_models, tmp_path, capsys):
     out_dir = tmp_path / "yaml"
     code, _, err = run_cli(["train", "-c", str(cfg), "--iters", "10", "--adapter-path", str(out_dir)], capsys)
     assert code == 0, err
-    saved = json.loads((out_dir / "adapter_config.json").read_text())
-    assert saved["drlora_training"]["iters"] == 10  # command line over YAML
-    assert saved["drlora_training"]["batch_size"] == 4  # YAML over defaults
+    saved = json.loads((out_dir / "drlora_config.json").read_text())
+    assert saved["training"]["iters"] == 10  # command line over YAML
+    assert saved["training"]["batch_size"] == 4  # YAML over defaults
     method = json.loads((out_dir / "drlora_config.json").read_text())["method"]
     assert method["targets"] == ["up_proj", "down_proj", "gate_proj"]
 
@@ -222,3 +222,42 @@ def test_grad_checkpoint_and_cosine_schedule_train_the_same_model(tiny_models, t
     # Recomputing activations changes memory, not the numbers.
     for k, v in runs["plain"].items():
         assert mx.allclose(v, runs["checkpointed"][k], atol=1e-5), k
+
+
+def _adapter_arrays(path):
+    arrays = {}
+    for name in ("adapters.safetensors", "drlora_state.safetensors"):
+        arrays.update({f"{name}:{k}": np.asarray(v) for k, v in mx.load(str(path / name)).items()})
+    return arrays
+
+
+def _assert_bit_identical(a, b):
+    wa, wb = _adapter_arrays(a), _adapter_arrays(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert np.array_equal(wa[k], wb[k]), k
+
+
+def test_python_api_and_cli_train_the_same_adapter(tiny_models, tmp_path, capsys, monkeypatch):
+    from drlora_mlx.config import DRLoRAConfig, TrainingArgs
+    from drlora_mlx.train import run
+
+    # The built-in default: `drlora-mlx train` and `run(TrainingArgs(), DRLoRAConfig())`.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["train", "--adapter-path", "cli"], capsys)
+    assert code == 0, err
+    api = run(TrainingArgs(adapter_path="api"), DRLoRAConfig(), out=lambda line: None)
+    assert len(api.iteration_losses) == 200  # the built-in model's preset, not the general defaults
+    _assert_bit_identical(tmp_path / "cli", tmp_path / "api")
+
+    # A model, flags and a YAML file against the same settings given in Python.
+    model = str(tiny_models("olmoe", shape=SHAPE))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("batch_size: 4\nlearning_rate: 0.005\nr_init: 2\nr_target: 4\nr_max: 8\ngrow_fraction: 0.5\n")
+    code, _, err = run_cli(["train", "-c", str(cfg), "--model", model, "--iters", "20", "--mask-prompt",
+                            "--targets", "gate_proj,down_proj", "--adapter-path", "cli2"], capsys)
+    assert code == 0, err
+    run(TrainingArgs(model=model, iters=20, batch_size=4, learning_rate=0.005, mask_prompt=True, adapter_path="api2"),
+        DRLoRAConfig(r_init=2, r_target=4, r_max=8, grow_fraction=0.5, targets=("gate_proj", "down_proj")),
+        out=lambda line: None)
+    _assert_bit_identical(tmp_path / "cli2", tmp_path / "api2")

@@ -25,7 +25,8 @@ from safetensors.numpy import load_file, save_file
 
 from drlora_mlx.adapters import AdapterError, read_ranks, save_adapter
 from drlora_mlx.adapters import load as drlora_load
-from drlora_mlx.attach import attach, router_linear
+from drlora_mlx.attach import attach
+from drlora_mlx.routing import router_linear
 from drlora_mlx.cli import main
 from drlora_mlx.config import DRLoRAConfig
 from drlora_mlx.export import EXPORT_INFO, PEFT_CONFIG, PEFT_WEIGHTS, export_peft, import_peft, read_export

@@ -11,7 +11,8 @@ from drlora_mlx.attach import attach
 from drlora_mlx.config import DRLoRAConfig
 from drlora_mlx.data import bundled_data_dir, load_datasets
 from drlora_mlx.families import FAMILIES, UnsupportedModelError
-from drlora_mlx.trainer import Trainer, TrainingArgs
+from drlora_mlx.config import TrainingArgs
+from drlora_mlx.trainer import Trainer
 
 from .helpers import SHAPE
 

@@ -9,7 +9,8 @@ from drlora_mlx.attach import attach
 from drlora_mlx.config import DRLoRAConfig
 from drlora_mlx.memory import estimate_peak_bytes, memory_warning
 from drlora_mlx.tiny import TinyShape
-from drlora_mlx.trainer import Trainer, TrainingArgs
+from drlora_mlx.config import TrainingArgs
+from drlora_mlx.trainer import Trainer
 
 from .helpers import SHAPE
 from .test_cli import run_cli

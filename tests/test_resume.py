@@ -16,7 +16,8 @@ from drlora_mlx import checkpoint
 from drlora_mlx.attach import attach
 from drlora_mlx.config import DRLoRAConfig
 from drlora_mlx.data import bundled_data_dir, load_datasets
-from drlora_mlx.trainer import Trainer, TrainingArgs
+from drlora_mlx.config import TrainingArgs
+from drlora_mlx.trainer import Trainer
 
 from .helpers import SHAPE
 from .test_cli import run_cli
@@ -213,3 +214,21 @@ def test_resume_names_the_mismatched_setting(tiny_models, tmp_path, capsys):
                            "resume with the same setting or train into a new --adapter-path")
     code, _, err = run_cli([*base, "--resume", "--learning-rate", "0.1"], capsys)
     assert code == 2 and "learning_rate=" in err
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(reference_run, tmp_path):
+    path, reference = reference_run
+    out = tmp_path / "adapters"
+    stopped = subprocess.run(_cli(path, out, "--save-every", "10"), env=dict(os.environ, DRLORA_MLX_FAULT_NAN_AT="45"),
+                             capture_output=True, text=True)
+    assert stopped.returncode == 3, stopped.stderr[-2000:]
+    assert [p.name for p in checkpoint.complete(out)] == ["step-0000030", "step-0000040"]
+    damaged = checkpoint.checkpoint_dir(out) / "step-0000040" / checkpoint.STATE
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a torn write
+    resumed = subprocess.run([sys.executable, "-m", "drlora_mlx", "train", "--resume", "--adapter-path", str(out)],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    notes = [line for line in resumed.stdout.splitlines() if "step-0000040" in line]
+    assert len(notes) == 1 and notes[0].startswith("skipped checkpoint ") and "is unreadable" in notes[0], notes
+    assert "resuming from" in resumed.stdout and "step-0000030 at iteration 30" in resumed.stdout
+    _assert_same_adapter(reference, out)

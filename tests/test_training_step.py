@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from drlora_mlx.trainer import Trainer, TrainingArgs, make_loss
+from drlora_mlx.config import TrainingArgs
+from drlora_mlx.trainer import Trainer, make_loss
 
 from .helpers import attached, heterogeneous_ranks, padded_batch, randomize_b
 from .test_routing import reference_sums

@@ -1,0 +1,81 @@
+"""Faults on demand, for the tests that check how a run survives them.
+
+Set in the environment of a run, ``install`` wraps the trainer's methods (and
+the checkpoint writer) for that run only; without them nothing is touched, and
+the training code itself has no hooks.
+
+- ``DRLORA_MLX_FAULT_NAN_AT=3,7``: those iterations' gradients are non-finite
+  (a NaN in one B while their gradient is computed; no weight changes);
+- ``DRLORA_MLX_FAULT_DIVERGE_RANK=1``: that data-parallel process grows one
+  rank more than the others at the first growth event;
+- ``DRLORA_MLX_FAULT_SLOW_SAVE=3``: every checkpoint waits 3 s between being
+  written and being made visible.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+import mlx.core as mx
+
+from . import checkpoint
+
+NAN_AT = "DRLORA_MLX_FAULT_NAN_AT"
+DIVERGE_RANK = "DRLORA_MLX_FAULT_DIVERGE_RANK"
+SLOW_SAVE = "DRLORA_MLX_FAULT_SLOW_SAVE"
+
+
+def _nan_at(trainer, iterations: set[int]) -> None:
+    accumulate = trainer._accumulate
+
+    def poisoned(batch, lengths):
+        if trainer.iteration + 1 not in iterations:
+            return accumulate(batch, lengths)
+        _, module = next(iter(trainer.drlora.expert_modules()))
+        kept = module.lora_b
+        module.lora_b = kept * mx.array(float("nan"))
+        try:
+            return accumulate(batch, lengths)
+        finally:
+            module.lora_b = kept
+
+    trainer._accumulate = poisoned
+
+
+def _diverge(trainer, rank: int) -> None:
+    check = trainer._check_agreement
+    pending = [rank == trainer.rank]
+
+    def diverged(step):
+        if pending.pop() if pending else False:
+            ranks = trainer.drlora.ranks()
+            ranks[0, 0] = min(ranks[0, 0] + 1, trainer.drlora.r_max)
+            trainer.drlora.set_ranks(ranks)
+        return check(step)
+
+    trainer._check_agreement = diverged
+
+
+@contextmanager
+def installed(trainer, environ=None):
+    """The faults the environment asks for, on ``trainer`` and its checkpoints, while the body runs."""
+    environ = os.environ if environ is None else environ
+    iterations = {int(i) for i in environ.get(NAN_AT, "").split(",") if i.strip()}
+    if iterations:
+        _nan_at(trainer, iterations)
+    if environ.get(DIVERGE_RANK, "").strip():
+        _diverge(trainer, int(environ[DIVERGE_RANK]))
+    pause = float(environ.get(SLOW_SAVE, "0") or 0)
+    publish = checkpoint._publish
+    if pause:
+        def slow(tmp, final):
+            time.sleep(pause)
+            publish(tmp, final)
+
+        checkpoint._publish = slow
+    try:
+        yield
+    finally:
+        checkpoint._publish = publish

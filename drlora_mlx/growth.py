@@ -1,0 +1,70 @@
+"""Growth events on an attached model (SPEC.md, Algorithm 1).
+
+Between optimizer steps: read the statistics as numpy (layers x modules),
+score every module by its saliency, let the allocator (``schedule.grow``) hand
+out the event's ranks, activate them and reset the importance EMAs of the
+modules that grew. Mask values change, shapes never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .saliency import module_importance, saliency
+from .schedule import GrowthSchedule, grow as allocate_event
+
+
+@dataclass
+class GrowthEvent:
+    """What one growth event did."""
+
+    step: int
+    grown: np.ndarray  # (layers, modules) ranks added
+
+    @property
+    def total(self) -> int:
+        return int(self.grown.sum())
+
+
+def rank_importance(drlora) -> np.ndarray:
+    """Per-rank importance EMAs: (layers, modules, r_max)."""
+    return np.stack([np.concatenate([np.asarray(m.importance) for m in layer.modules]) for layer in drlora.layers])
+
+
+def module_frequency(drlora) -> np.ndarray:
+    """Routing frequency per module (layers x modules): f of the module's expert,
+    for every target projection (module m = p * E + e)."""
+    return np.tile(np.asarray(drlora.state.frequency), (1, len(drlora.targets)))
+
+
+def module_saliency(drlora) -> np.ndarray:
+    """S = f * g / (r + 1) ** gamma for every module (layers x modules)."""
+    ranks = drlora.ranks()
+    g = module_importance(rank_importance(drlora), ranks)
+    config = drlora.config
+    return saliency(module_frequency(drlora), g, ranks, config.rank_penalty, config.saliency)
+
+
+def reset_importance(drlora, modules: np.ndarray) -> None:
+    """Zero the importance EMAs of the given modules (layers x modules bool)."""
+    E = drlora.n_experts
+    for l, layer in enumerate(drlora.layers):
+        for p, module in enumerate(layer.modules):
+            keep = mx.array(~modules[l, p * E : (p + 1) * E])[:, None]
+            module.importance = mx.where(keep, module.importance, 0.0)
+
+
+def grow(drlora, step: int, schedule: GrowthSchedule) -> GrowthEvent | None:
+    """Run the growth event of ``step``, if there is one."""
+    if not schedule.is_event(step):
+        return None
+    ranks = drlora.ranks()
+    new = allocate_event(ranks, module_saliency(drlora), schedule, step, drlora.config.allocation)
+    grown = new - ranks
+    if grown.any():
+        drlora.set_ranks(new)
+        reset_importance(drlora, grown > 0)
+    return GrowthEvent(step=step, grown=grown)
