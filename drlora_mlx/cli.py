@@ -126,7 +126,8 @@ def _plan(ctx: click.Context, layers: int, experts: int, at_steps: str | None, a
         raise InputError(f"--at must be a comma list of steps, got {at_steps!r}") from None
     if not steps:
         steps = sorted({0, *schedule.event_steps()[:: max(1, len(schedule.event_steps()) // 8)], iters})
-    summary = schedule.summary(steps)
+    pooled = layers if config.allocation == "global" else 1  # per-layer pools all grow alike
+    summary = schedule.summary(steps, n_layers=pooled, allocation=config.allocation)
     summary["layers"] = layers
     summary["total_budget"] = schedule.budget * layers
     if as_json:
@@ -138,18 +139,18 @@ def _plan(ctx: click.Context, layers: int, experts: int, at_steps: str | None, a
     )
     click.echo(
         f"warm-up until step {summary['warmup_steps']}, growth every {summary['grow_every']} steps until step "
-        f"{summary['end_step']}: {summary['n_events']} events"
+        f"{summary['end_step']}: {summary['events']} events"
     )
     click.echo(
-        f"quota {summary['quota']} ranks per layer per event, at most {summary['module_step']} per module per event; "
+        f"quota {summary['quota']} ranks per layer per event, {summary['module_step']} per module per walk; "
         f"budget {summary['cap']} per layer, exhausted at step {summary['budget_exhausted_step']}"
     )
     if summary["quota"] > schedule.n_modules * schedule.module_step:
         click.echo(
-            f"warning: one event can place at most {schedule.n_modules * schedule.module_step} ranks per layer, "
-            "less than the quota: growth will lag; raise --grow-fraction or --iters"
+            f"note: one walk places at most {schedule.n_modules * schedule.module_step} ranks per layer, less than "
+            "the quota, so each event walks the modules more than once"
         )
-    click.echo("step      mean rank")
+    click.echo("step      mean rank (as the allocator delivers it)")
     for s, r in summary["mean_rank"].items():
         click.echo(f"{int(s):>8}  {r:>9.2f}")
 

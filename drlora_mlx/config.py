@@ -28,6 +28,10 @@ TRAIN_ROUTER = ("after-warmup", "never", "always")
 ROUTING_SIGNALS = ("weight", "count")
 ALLOCATIONS = ("per-layer", "global")
 LR_SCHEDULES = ("linear", "cosine", "constant")
+# The router's full weights take larger steps than the LoRA factors at the same
+# learning rate; their default learning rate is this share of --learning-rate
+# (chosen by scripts/experiment.py's router ablation, see BENCHMARKS.md).
+ROUTER_LR_SCALE = 0.1
 
 
 class ConfigError(InputError):
@@ -176,6 +180,9 @@ class TrainingArgs:
                                       at_least=1, usual=4, builtin=8)
     learning_rate: float | None = _setting(None, "Peak AdamW learning rate [default: 1e-5; the built-in model: 2e-3].",
                                            positive=True, usual=1e-5, builtin=2e-3)
+    router_learning_rate: float | None = _setting(None, "Peak learning rate of the router's full weights, when they "
+                                                        f"train [default: --learning-rate x {ROUTER_LR_SCALE}].",
+                                                  positive=True)
     lr_schedule: str = _setting("linear", "Decay after the warm-up.", choices=LR_SCHEDULES)
     weight_decay: float = _setting(0.0, "AdamW weight decay (never applied to inactive ranks).", at_least=0)
     max_seq_length: int = _setting(2048, "Longer examples are truncated.", at_least=1)
@@ -200,6 +207,8 @@ class TrainingArgs:
 
     def __post_init__(self):
         _fill_model_defaults(self, builtin=self.model is None)
+        if self.router_learning_rate is None:
+            object.__setattr__(self, "router_learning_rate", self.learning_rate * ROUTER_LR_SCALE)
         _check(self)
         if self.iters % self.grad_accumulation_steps:
             raise ConfigError(

@@ -23,6 +23,7 @@ class GrowthEvent:
 
     step: int
     grown: np.ndarray  # (layers, modules) ranks added
+    by_frequency: tuple[int, ...] = ()  # layers ranked by routing frequency alone (their importance was all zero)
 
     @property
     def total(self) -> int:
@@ -40,12 +41,22 @@ def module_frequency(drlora) -> np.ndarray:
     return np.tile(np.asarray(drlora.state.frequency), (1, len(drlora.targets)))
 
 
-def module_saliency(drlora) -> np.ndarray:
-    """S = f * g / (r + 1) ** gamma for every module (layers x modules)."""
+def module_saliency(drlora) -> tuple[np.ndarray, tuple[int, ...]]:
+    """S = f * g / (r + 1) ** gamma for every module (layers x modules), and
+    the layers scored by frequency alone: where every importance of a layer is
+    zero (every B still zero, as at a first event right after one step), f * g
+    would tie everywhere and the walk would grow modules in index order [ours]."""
     ranks = drlora.ranks()
     g = module_importance(rank_importance(drlora), ranks)
+    f = module_frequency(drlora)
     config = drlora.config
-    return saliency(module_frequency(drlora), g, ranks, config.rank_penalty, config.saliency)
+    scores = saliency(f, g, ranks, config.rank_penalty, config.saliency)
+    blind = ()
+    if config.saliency != "frequency":
+        blind = tuple(int(l) for l in np.flatnonzero(~g.any(axis=1)))
+        for l in blind:
+            scores[l] = saliency(f[l], g[l], ranks[l], config.rank_penalty, "frequency")
+    return scores, blind
 
 
 def reset_importance(drlora, modules: np.ndarray) -> None:
@@ -62,9 +73,10 @@ def grow(drlora, step: int, schedule: GrowthSchedule) -> GrowthEvent | None:
     if not schedule.is_event(step):
         return None
     ranks = drlora.ranks()
-    new = allocate_event(ranks, module_saliency(drlora), schedule, step, drlora.config.allocation)
+    scores, by_frequency = module_saliency(drlora)
+    new = allocate_event(ranks, scores, schedule, step, drlora.config.allocation)
     grown = new - ranks
     if grown.any():
         drlora.set_ranks(new)
         reset_importance(drlora, grown > 0)
-    return GrowthEvent(step=step, grown=grown)
+    return GrowthEvent(step=step, grown=grown, by_frequency=by_frequency)

@@ -64,7 +64,11 @@ def event_summary(drlora, event) -> str:
         picks = [f"{module_label(drlora, m)}+{int(row[m])}" for m in np.flatnonzero(row)]
         if picks:
             parts.append(f"L{drlora.layers[l].index}: " + " ".join(picks))
-    return f"step {event.step}: grew {event.total} ranks | " + "; ".join(parts)
+    note = ""
+    if event.by_frequency:
+        layers = ",".join(f"L{drlora.layers[l].index}" for l in event.by_frequency)
+        note = f" (importance all zero in {layers}: ranked by routing frequency)"
+    return f"step {event.step}: grew {event.total} ranks{note} | " + "; ".join(parts)
 
 
 def run_summary(drlora, result, steps_per_report: int) -> str:

@@ -139,55 +139,73 @@ class GrowthSchedule:
         return self.r_init + self.target_growth(step) / self.n_modules
 
     def budget_exhausted_step(self) -> int | None:
-        """The event at which the last of the budget is handed out, or None."""
+        """The event at which the schedule hands out the last of the budget, or None."""
         for step in self.event_steps():
             if self.target_growth(step) >= self.budget:
                 return step
         return None
 
-    def summary(self, at_steps: list[int] | None = None) -> dict:
-        """The plan as a JSON-ready dict (``drlora-mlx plan --json``)."""
-        at_steps = at_steps if at_steps is not None else []
+    @property
+    def event_count(self) -> int:
+        """How many growth events run (n_events + 1: the first is at t_warmup)."""
+        return len(self.event_steps())
+
+    def summary(self, at_steps: list[int] | None = None, n_layers: int = 1, allocation: str = "per-layer") -> dict:
+        """The plan as a JSON-ready dict (``drlora-mlx plan --json``): the
+        schedule, and the mean ranks and events the allocator delivers."""
+        events = delivered(self, n_layers, allocation)
+        grown = np.cumsum([g.sum() for _, g in events]) if events else np.zeros(0)
+        total_budget = self.budget * n_layers
+
+        def mean_rank(step: int) -> float:
+            done = int(grown[sum(1 for s, _ in events if s <= step) - 1]) if step >= self.warmup_steps and events else 0
+            return self.r_init + done / (self.n_modules * n_layers)
+
+        exhausted = next((s for (s, _), g in zip(events, grown) if g >= total_budget), None)
         return {
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
             "end_step": self.end_step,
             "grow_every": self.grow_every,
             "n_events": self.n_events,
+            "events": self.event_count,
             "quota": self.quota,
             "cap": self.budget,
             "module_step": self.module_step,
-            "budget_exhausted_step": self.budget_exhausted_step(),
-            "mean_rank": {str(s): round(self.mean_rank(s), 2) for s in at_steps},
+            "budget_exhausted_step": exhausted,
+            "mean_rank": {str(s): round(mean_rank(s), 2) for s in at_steps},
+            "growth": [{"step": s, "grown": [int(x) for x in g]} for s, g in events],
         }
 
 
-def allocate(
-    ranks: np.ndarray,
-    saliency: np.ndarray,
-    quota: int,
-    r_max: int,
-    module_step: int,
-) -> np.ndarray:
-    """One growth event for one pool of modules (a layer, or every layer with
-    global allocation).
-
-    Walks the modules from the most to the least salient and gives each
-    ``min(module_step, r_max - r, quota left)`` ranks, skipping saturated ones.
-    Ties keep module order. Returns the new ranks; the input is not changed.
-    """
+def walk(ranks: np.ndarray, saliency: np.ndarray, quota: int, r_max: int, module_step: int) -> np.ndarray:
+    """One walk of Algorithm 1 over one pool of modules (a layer, or every
+    layer with global allocation): from the most to the least salient, each
+    module gets ``min(module_step, r_max - r, quota left)`` ranks, saturated
+    ones none. Ties keep module order. Returns the new ranks."""
     ranks = np.asarray(ranks, dtype=np.int64)
+    order = np.argsort(-np.asarray(saliency, dtype=np.float64), kind="stable")
+    want = np.clip(np.minimum(module_step, r_max - ranks[order]), 0, None)
+    give = np.clip(int(quota) - (np.cumsum(want) - want), 0, want)  # grants in order, never past the quota
     new = ranks.copy()
+    new[order] += give
+    return new
+
+
+def allocate(ranks: np.ndarray, saliency: np.ndarray, quota: int, r_max: int, module_step: int) -> np.ndarray:
+    """One growth event for one pool: walks (``walk``) until the quota is
+    placed or every module is at r_max. One walk places at most
+    N_mod * module_step ranks; when the quota is larger, the walk goes round
+    again in the same order [ours], so that the budget is always delivered
+    (whenever r_target <= r_max, the pool has room for all of it)."""
+    new = np.asarray(ranks, dtype=np.int64).copy()
     left = int(quota)
-    for m in np.argsort(-np.asarray(saliency, dtype=np.float64), kind="stable"):
-        if left <= 0:
+    while left > 0:
+        after = walk(new, saliency, left, r_max, module_step)
+        placed = int((after - new).sum())
+        if placed == 0:
             break
-        room = r_max - new[m]
-        if room <= 0:
-            continue
-        n = min(module_step, room, left)
-        new[m] += n
-        left -= n
+        new, left = after, left - placed
     return new
 
 
@@ -201,10 +219,9 @@ def grow(
     """Apply the growth event of ``step`` to ``ranks`` (layers x modules).
 
     Each pool receives what the schedule says it should have gained by now
-    minus what it has gained: quota left over by an earlier event (every
-    module it could reach was capped or saturated) carries forward, and the
-    budget cap holds by construction. ``allocation`` is ``per-layer`` (the
-    paper) or ``global`` (one pool of every layer, the paper's ablation).
+    minus what it has gained, so the budget cap holds by construction.
+    ``allocation`` is ``per-layer`` (the paper) or ``global`` (one pool of
+    every layer, the paper's ablation).
     """
     ranks = np.asarray(ranks, dtype=np.int64)
     saliency = np.asarray(saliency, dtype=np.float64)
@@ -224,8 +241,20 @@ def grow(
         quota = n_layers * schedule.target_growth(step) - grown
         if quota <= 0:
             continue
-        flat = allocate(
-            ranks[rows].ravel(), saliency[rows].ravel(), quota, schedule.r_max, schedule.module_step
-        )
+        flat = allocate(ranks[rows].ravel(), saliency[rows].ravel(), quota, schedule.r_max, schedule.module_step)
         new[rows] = flat.reshape(ranks[rows].shape)
     return new
+
+
+def delivered(schedule: GrowthSchedule, n_layers: int = 1, allocation: str = "per-layer") -> list[tuple[int, np.ndarray]]:
+    """What the allocator delivers over a run: (step, ranks added per layer)
+    for every event, from ``grow`` itself on the worst-case tie order (every
+    saliency equal, so modules fill up in index order and saturate soonest)."""
+    ranks = np.full((n_layers, schedule.n_modules), schedule.r_init, dtype=np.int64)
+    ties = np.zeros(ranks.shape)
+    events = []
+    for step in schedule.event_steps():
+        new = grow(ranks, ties, schedule, step, allocation)
+        events.append((step, (new - ranks).sum(axis=1)))
+        ranks = new
+    return events

@@ -131,7 +131,7 @@ class _Run:
         schedule = self.trainer.schedule
         if self.config.method == "drlora":
             self.say(
-                f"growth: {schedule.n_events} events every {schedule.grow_every} optimizer steps from step "
+                f"growth: {schedule.event_count} events every {schedule.grow_every} optimizer steps from step "
                 f"{schedule.warmup_steps} to {schedule.end_step}, {schedule.quota} ranks per layer per event, "
                 f"budget {schedule.budget} per layer (exhausted at step {schedule.budget_exhausted_step()})"
             )

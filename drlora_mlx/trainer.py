@@ -59,10 +59,11 @@ class NonFiniteError(RunStopped):
         self.iteration = iteration
 
 
-def learning_rate_schedule(args: TrainingArgs, warmup_steps: int):
-    """Linear warm-up to the peak over the growth warm-up, then the chosen decay."""
+def learning_rate_schedule(args: TrainingArgs, warmup_steps: int, peak: float | None = None):
+    """Linear warm-up to the peak (default ``args.learning_rate``) over the
+    growth warm-up, then the chosen decay."""
     total = args.optimizer_steps
-    peak = args.learning_rate
+    peak = args.learning_rate if peak is None else peak
     decay_steps = max(total - warmup_steps, 1)
     if args.lr_schedule == "linear":
         decay = optim.linear_schedule(peak, 0.0, decay_steps)
@@ -76,9 +77,29 @@ def learning_rate_schedule(args: TrainingArgs, warmup_steps: int):
     return optim.join_schedules([warmup, decay], [warmup_steps])
 
 
+def loss_mask(lengths: mx.array, width: int) -> mx.array:
+    """Which of the ``width`` next-token targets of each row count: those that
+    predict a real token after the prompt. ``lengths`` is (rows, 2): the
+    prompt offset and the token count. Target t predicts token t + 1, so a row
+    of n tokens has real targets 0 .. n - 2 (mlx-lm's trainer also counts
+    target n - 1, which predicts the first padding token)."""
+    steps = mx.arange(1, width + 1)
+    return mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
+
+
+def make_optimizer(drlora: DRLoRA, args: TrainingArgs, warmup_steps: int):
+    """(optimizer, the LoRA factors' optimizer): AdamW for the LoRA factors and
+    a second AdamW, at ``args.router_learning_rate``, for the routers' full weights."""
+    routers = tuple(layer.router_path + "." for layer in drlora.layers)
+    lora = optim.AdamW(learning_rate=learning_rate_schedule(args, warmup_steps), weight_decay=args.weight_decay)
+    router = optim.AdamW(learning_rate=learning_rate_schedule(args, warmup_steps, args.router_learning_rate),
+                         weight_decay=args.weight_decay)
+    return optim.MultiOptimizer([router, lora], [lambda path, _: path.startswith(routers)]), lora
+
+
 def make_loss(drlora: DRLoRA, record: bool = True):
-    """mlx-lm's masked next-token cross-entropy, as a *sum* over the loss
-    tokens, with their count and the batch's routing sums (zeros when
+    """The masked next-token cross-entropy as a *sum* over the loss tokens
+    (``loss_mask``), with their count and the batch's routing sums (zeros when
     ``record`` is False: uniform LoRA needs no statistics).
 
     Gradients of the sum, added over micro-batches and processes and divided by
@@ -88,8 +109,7 @@ def make_loss(drlora: DRLoRA, record: bool = True):
 
     def loss(model, batch, lengths):
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        steps = mx.arange(1, targets.shape[1] + 1)
-        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+        mask = loss_mask(lengths, targets.shape[1])
         if record:
             with drlora.recorder.capture(mask):
                 logits = model(inputs)
@@ -185,9 +205,7 @@ class Trainer:
         self.rank = world.rank() if world is not None else 0
         self.world_size = world.size() if world is not None else 1
         self.schedule = drlora.schedule(args.optimizer_steps)
-        self.optimizer = optim.AdamW(
-            learning_rate=learning_rate_schedule(args, self.schedule.warmup_steps), weight_decay=args.weight_decay
-        )
+        self.optimizer, self.lora_optimizer = make_optimizer(drlora, args, self.schedule.warmup_steps)
         self.optimizer.init(model.trainable_parameters())
         self.progress = progress or Progress(args.iters, enabled=False)
         self.metrics = metrics or MetricsLog("metrics.jsonl", enabled=False)
@@ -410,7 +428,7 @@ class Trainer:
                 step_losses = []
             if event is not None and event.total:
                 self._log_growth(event, it, result)
-            lr = float(self.optimizer.learning_rate.item())
+            lr = float(self.lora_optimizer.learning_rate.item())
             peak = mx.get_peak_memory() / 1e9
             if it % args.steps_per_report == 0 or it == args.iters:
                 self._report(window, it, lr, peak, result)

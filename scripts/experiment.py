@@ -104,19 +104,35 @@ def setting_from_dict(d: dict) -> Setting:
                       "sizes": tuple(d["sizes"])})
 
 
-def arms(r_init: int, r_target: int, r_max: int) -> dict[str, DRLoRAConfig]:
-    """Every arm's method configuration. All train the router after warm-up
-    (the package's default), except the frozen-router ablation, so that
-    uniform LoRA at r_target and DR-LoRA have the same trainable parameters."""
+@dataclass(frozen=True)
+class Arm:
+    """One arm: its method configuration and, if not the package's default, the
+    router's learning rate as a share of the fine-tuning learning rate."""
+
+    config: DRLoRAConfig
+    router_lr_scale: float | None = None
+
+
+# The main arms; --arms can add the router learning-rate ablation (router_lr_*).
+MAIN_ARMS = ("lora_r_target", "lora_r_max", "drlora", "frequency_only", "importance_only", "frozen_router",
+             "global_allocation")
+
+
+def arms(r_init: int, r_target: int, r_max: int) -> dict[str, Arm]:
+    """Every arm. All train the router after warm-up (the package's default, at
+    its default learning rate), except the frozen-router ablation and the
+    router learning-rate ablation, so that uniform LoRA at r_target and
+    DR-LoRA have the same trainable parameters."""
     drlora = DRLoRAConfig(r_init=r_init, r_target=r_target, r_max=r_max)
     return {
-        "lora_r_target": DRLoRAConfig(method="lora", lora_rank=r_target),
-        "lora_r_max": DRLoRAConfig(method="lora", lora_rank=r_max),
-        "drlora": drlora,
-        "frequency_only": replace(drlora, saliency="frequency"),
-        "importance_only": replace(drlora, saliency="importance"),
-        "frozen_router": replace(drlora, train_router="never"),
-        "global_allocation": replace(drlora, allocation="global"),
+        "lora_r_target": Arm(DRLoRAConfig(method="lora", lora_rank=r_target)),
+        "lora_r_max": Arm(DRLoRAConfig(method="lora", lora_rank=r_max)),
+        "drlora": Arm(drlora),
+        "frequency_only": Arm(replace(drlora, saliency="frequency")),
+        "importance_only": Arm(replace(drlora, saliency="importance")),
+        "frozen_router": Arm(replace(drlora, train_router="never")),
+        "global_allocation": Arm(replace(drlora, allocation="global")),
+        **{f"router_lr_{scale:g}": Arm(drlora, scale) for scale in (1.0, 0.3, 0.03, 0.01)},
     }
 
 
@@ -193,14 +209,17 @@ def rank_trajectory(drlora, events, r_init: int) -> list[dict]:
     return points
 
 
-def finetune(base: str, config: DRLoRAConfig, data: dict, setting: Setting, seed: int, max_new: int) -> dict:
+def finetune(base: str, arm: Arm, data: dict, setting: Setting, seed: int, max_new: int) -> dict:
     """Fine-tune the base with one arm's configuration and measure it."""
+    config = arm.config
     model, tokenizer = mlx_lm_load(base)
     mx.random.seed(seed)
     drlora = attach(model, config, seed=seed)
-    args = TrainingArgs(iters=setting.iters, batch_size=setting.batch_size, learning_rate=setting.learning_rate,
-                        seed=seed, steps_per_report=setting.iters, steps_per_eval=setting.iters,
-                        save_every=setting.iters, mask_prompt=True)
+    router_lr = None if arm.router_lr_scale is None else arm.router_lr_scale * setting.learning_rate
+    args = TrainingArgs(model=base, iters=setting.iters, batch_size=setting.batch_size,
+                        learning_rate=setting.learning_rate, router_learning_rate=router_lr, seed=seed,
+                        steps_per_report=setting.iters, steps_per_eval=setting.iters, save_every=setting.iters,
+                        mask_prompt=True)
     trainer = Trainer(model, drlora, args)
     tic = time.perf_counter()
     result = trainer.run(data["train"])
@@ -209,6 +228,7 @@ def finetune(base: str, config: DRLoRAConfig, data: dict, setting: Setting, seed
     record = {
         "method": config.method,
         "seed": seed,
+        "router_learning_rate": args.router_learning_rate,
         "train_seconds": seconds,
         "final_train_loss": float(np.mean([l for _, l in result.losses[-max(1, len(result.losses) // 10):]])),
         "test_loss": trainer.evaluate(data["test"], -1),
@@ -230,7 +250,7 @@ def base_scores(base: str, data: dict, setting: Setting, max_new: int) -> dict:
     """The base model's held-out loss and exact match on a task, with nothing attached."""
     model, tokenizer = mlx_lm_load(base)
     drlora = attach(model, DRLoRAConfig(method="lora", lora_rank=1), seed=0)  # B = 0: the base's function
-    trainer = Trainer(model, drlora, TrainingArgs(iters=1, batch_size=setting.batch_size))
+    trainer = Trainer(model, drlora, TrainingArgs(model=base, iters=1, batch_size=setting.batch_size))
     model.eval()
     return {"test_loss": trainer.evaluate(data["test"], -1),
             "exact_match": exact_match(model, tokenizer, data["test_rows"], max_new)}
@@ -335,7 +355,8 @@ def main(argv=None) -> int:
             parser.error(f"{out / 'results.json'} does not exist; run the experiment with --out {out} first")
         results = json.loads((out / "results.json").read_text())
         setting = setting_from_dict(results["setting"])
-        print(write_report(out, results, setting, list(results["tasks"]), list(arms(*setting.ranks))))
+        ran = [a for a in arms(*setting.ranks) if any(a in entry["arms"] for entry in results["tasks"].values())]
+        print(write_report(out, results, setting, list(results["tasks"]), ran))
         return 0
 
     setting = QUICK if args.quick else DEFAULT
@@ -344,7 +365,7 @@ def main(argv=None) -> int:
     if args.learning_rate:
         setting = replace(setting, learning_rate=args.learning_rate)
     all_arms = arms(*setting.ranks)
-    arm_names = args.arms.split(",") if args.arms else list(all_arms)
+    arm_names = args.arms.split(",") if args.arms else list(MAIN_ARMS)
     tasks = args.tasks.split(",")
     unknown = [a for a in arm_names if a not in all_arms] + [t for t in tasks if t not in TASKS]
     if unknown:

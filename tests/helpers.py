@@ -26,10 +26,11 @@ def padded_batch(vocab: int, seed: int = 0, rows: int = 3, width: int = 17, prom
 
 
 def loss_token_mask(lengths, width: int) -> np.ndarray:
-    """The loss-token mask over input positions, recomputed in numpy."""
+    """The loss-token mask over input positions, recomputed in numpy: position
+    p (predicting token p + 1) counts when token p + 1 is a real token after the prompt."""
     lengths = np.asarray(lengths)
-    pos = np.arange(1, width)[None, :]
-    return (pos >= lengths[:, :1]) & (pos <= lengths[:, 1:])
+    predicted = np.arange(1, width)[None, :]
+    return (predicted >= lengths[:, :1]) & (predicted < lengths[:, 1:])
 
 
 def attached(tiny_models, family: str, shape=SHAPE, quantize_bits=None, seed: int = 0, **config):
