@@ -59,9 +59,8 @@ def _relative(drlora: DRLoRA, path: str) -> tuple[int, str]:
 
 def _router_as_lora(drlora: DRLoRA, rank: int) -> bool:
     """Whether mlx-lm can carry the trained routers as a LoRA of this rank."""
-    return all(
-        isinstance(router_linear(layer.router)[1], (nn.Linear, nn.QuantizedLinear)) for layer in drlora.layers
-    ) and drlora.n_experts <= rank
+    linears = [router_linear(layer.router)[1] for layer in drlora.layers]
+    return all(isinstance(l, (nn.Linear, nn.QuantizedLinear)) and l.weight.shape[0] <= rank for l in linears)
 
 
 def mlx_lm_adapter(drlora: DRLoRA) -> tuple[dict, dict[str, mx.array], bool]:
@@ -85,7 +84,7 @@ def mlx_lm_adapter(drlora: DRLoRA) -> tuple[dict, dict[str, mx.array], bool]:
         for (path, delta), layer in zip(routers, drlora.layers):
             inner, _ = router_linear(layer.router)
             path = f"{path}.{inner}" if inner else path
-            eye = mx.eye(drlora.n_experts, dtype=delta.dtype)
+            eye = mx.eye(delta.shape[0], dtype=delta.dtype)
             weights[f"{path}.lora_a"] = _pad(delta.T / scale, 1, rank)
             weights[f"{path}.lora_b"] = _pad(eye, 0, rank)
             keys.add(_relative(drlora, path)[1])

@@ -19,6 +19,7 @@ from .config import DRLoRAConfig
 from .drlora import DRLoRA, MoELayer, RoutingState
 from .families import UnsupportedModelError, lookup
 from .masked_lora import MaskedLoRASwitchLinear, dequantized_weight
+from .probe import applied_weights
 from .routing import RoutingRecorder, RoutingSite, observe, router_weight
 from .tree import child_modules, module_at, replace_module
 
@@ -58,24 +59,37 @@ def _lora_linears(module: nn.Module, rank: int, scale: float) -> list[tuple[str,
     return wrapped
 
 
+def _block_of(layer: nn.Module, experts_path: str, router_attr: str) -> str:
+    """The path (below the decoder layer) of the MoE block of the experts at
+    ``experts_path``: the nearest module above them that holds the router."""
+    path = experts_path
+    while path:
+        path = path.rpartition(".")[0]
+        if isinstance(getattr(module_at(layer, path), router_attr, None), nn.Module):
+            return path
+    return None
+
+
 def _find_layers(drlora: DRLoRA) -> None:
     """Every MoE block: its experts (found by type) and its router (by the family's table)."""
     model, family = drlora.model, drlora.family
     paths = {id(m): p for p, m in model.named_modules()}
     drlora.layer_paths = [paths[id(layer)] for layer in model.layers]
-    for i, layer in enumerate(model.layers):
+    for i, (layer_path, layer) in enumerate(zip(drlora.layer_paths, model.layers)):
         for path, experts in layer.named_modules():
             if not isinstance(experts, (SwitchGLU, SwitchMLP)):
                 continue
-            block_path, _, experts_name = path.rpartition(".")
-            block = module_at(layer, block_path)
-            router = getattr(block, family.router, None)
-            if router is None:
+            block_path = _block_of(layer, path, family.router)
+            if block_path is None:
                 raise UnsupportedModelError(
-                    f"{drlora.family_name}: MoE block at layer {i} has no router attribute {family.router!r}"
+                    f"{drlora.family_name}: the experts at layer {i} ({path}) have no router {family.router!r} "
+                    "above them"
                 )
-            full = paths[id(block)]
-            drlora.layers.append(MoELayer(i, full, block, experts, experts_name, router, f"{full}.{family.router}"))
+            block = module_at(layer, block_path)
+            full = ".".join(p for p in (layer_path, block_path) if p)
+            experts_name = path[len(block_path) + 1:] if block_path else path
+            drlora.layers.append(MoELayer(i, full, block, experts, experts_name, block[family.router],
+                                          f"{full}.{family.router}", layer))
     if not drlora.layers:
         raise UnsupportedModelError(
             f"{drlora.family_name}: no MoE expert layers (SwitchGLU / SwitchMLP) found; drlora-mlx adapts MoE "
@@ -115,25 +129,77 @@ def _prepare_router(drlora: DRLoRA, layer: MoELayer) -> None:
     drlora.router_base.append(mx.array(router_weight(layer.router)))
 
 
+def _shared_experts(drlora: DRLoRA, layer: MoELayer):
+    """(path, module) of the layer's shared experts: attributes of the block, else of the decoder layer."""
+    owners = ((layer.block, layer.path), (layer.decoder, drlora.layer_paths[layer.index]))
+    for attr in drlora.family.shared_experts:
+        for owner, path in owners:
+            module = getattr(owner, attr, None)
+            if isinstance(module, nn.Module):
+                yield f"{path}.{attr}", module
+                break
+
+
+# Linear projections that mark a module as attention (Mamba and convolution mixers have none of them).
+_ATTENTION_PROJECTIONS = ("q_proj", "q_a_proj", "query_key_value", "qkv_proj", "Wqkv", "qkvg_proj")
+
+
+def _attention_modules(drlora: DRLoRA):
+    """(path, module) of every attention module the family keeps at one of its attention attributes."""
+    for layer_path, layer in zip(drlora.layer_paths, drlora.model.layers):
+        for attr in drlora.family.attention:
+            found = getattr(layer, attr, None)
+            # LongCat keeps two attention modules per layer, in a list.
+            entries = [(f"{attr}.{i}", m) for i, m in enumerate(found)] if isinstance(found, list) else [(attr, found)]
+            for path, module in entries:
+                if isinstance(module, nn.Module) and any(p in module for p in _ATTENTION_PROJECTIONS):
+                    yield f"{layer_path}.{path}", module
+
+
 def _adapt_fixed_rank(drlora: DRLoRA) -> None:
     """Fixed-rank LoRA on the shared experts and the attention projections, outside the growth pool."""
-    config, family = drlora.config, drlora.family
+    config = drlora.config
     if config.shared_expert_rank:
         for layer in drlora.layers:
-            for attr in family.shared_experts:
-                if isinstance(getattr(layer.block, attr, None), nn.Module):
-                    for sub, lora in _lora_linears(layer.block[attr], config.shared_expert_rank, config.scale):
-                        drlora.extra_loras.append((f"{layer.path}.{attr}.{sub}", lora))
+            for path, module in _shared_experts(drlora, layer):
+                for sub, lora in _lora_linears(module, config.shared_expert_rank, config.scale):
+                    drlora.extra_loras.append((f"{path}.{sub}", lora))
         if not drlora.extra_loras:
             raise UnsupportedModelError(
                 f"{drlora.family_name}: --shared-expert-rank given, but this model has no shared experts"
             )
     if config.attention_rank:
-        for layer_path, layer in zip(drlora.layer_paths, drlora.model.layers):
-            attn = getattr(layer, "self_attn", None)
-            if isinstance(attn, nn.Module):
-                for sub, lora in _lora_linears(attn, config.attention_rank, config.scale):
-                    drlora.extra_loras.append((f"{layer_path}.self_attn.{sub}", lora))
+        found = list(_attention_modules(drlora))
+        if not found:
+            raise UnsupportedModelError(
+                f"{drlora.family_name}: --attention-rank given, but no attention module was found at "
+                f"{' or '.join(drlora.family.attention)} of the decoder layers"
+            )
+        for path, module in found:
+            for sub, lora in _lora_linears(module, config.attention_rank, config.scale):
+                drlora.extra_loras.append((f"{path}.{sub}", lora))
+
+
+def _rule_holds(drlora: DRLoRA) -> str:
+    """Check the family's routing-weight rule against the weight the first MoE
+    block really applies (``probe``); returns why it does not hold ("" if it does)."""
+    family, layer = drlora.family, drlora.layers[0]
+    experts = layer.experts
+    out_dims = (experts.down_proj if isinstance(experts, SwitchGLU) else experts.fc2).output_dims
+    hidden = router_weight(layer.router).shape[1]
+    try:
+        indices, measured, router_out, x = applied_weights(layer.block, layer.experts_name, out_dims, hidden,
+                                                           mx.float32, family.readout, layer.router,
+                                                           family.input_scaled)
+        expected = family.weights(router_out, indices, layer.block, x)
+        if family.routed is not None:
+            expected = expected * family.routed(router_out, indices, layer.block)
+        mx.eval(measured, expected)
+    except Exception as e:  # a block this check cannot run is a block whose rule is unverified
+        return f"the check could not run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if measured.shape != expected.shape or not mx.allclose(measured, expected, rtol=1e-3, atol=1e-4).item():
+        return "the weights its MoE blocks apply differ from the family's routing-weight rule"
+    return ""
 
 
 def _observe_routing(drlora: DRLoRA) -> None:
@@ -143,13 +209,25 @@ def _observe_routing(drlora: DRLoRA) -> None:
     if signal == "weight" and family.weights is None:
         signal = "count"
         drlora.notes.append(f"{family.note}; using the 'count' signal instead of 'weight'")
+    elif signal == "weight":
+        why = _rule_holds(drlora)
+        if why:
+            signal = "count"
+            drlora.notes.append(f"{drlora.family_name}: {why} (mlx-lm {mlx_lm_version()}); routing frequency "
+                                "uses the 'count' signal instead of 'weight'")
     drlora.routing_signal = signal
-    sites = [RoutingSite(l.block, drlora.n_experts, family.weights) for l in drlora.layers]
+    sites = [RoutingSite(l.block, drlora.n_experts, family.weights, family.routed) for l in drlora.layers]
     drlora.recorder = RoutingRecorder(sites, signal)
     for site, layer in enumerate(drlora.layers):
         observe(layer.experts, drlora.recorder, site, "experts")
         observe(layer.router, drlora.recorder, site, "router")
     drlora.state = RoutingState(drlora.n_layers, drlora.n_experts)
+
+
+def mlx_lm_version() -> str:
+    from importlib.metadata import version
+
+    return version("mlx-lm")
 
 
 def attach(model: nn.Module, config: DRLoRAConfig | None = None, seed: int | None = None) -> DRLoRA:

@@ -30,9 +30,10 @@ class MoELayer:
     path: str  # dotted path of the block, e.g. "model.layers.3.mlp"
     block: nn.Module
     experts: nn.Module
-    experts_name: str
+    experts_name: str  # path of the experts below the block, e.g. "switch_mlp" (Gemma 4: "experts.switch_glu")
     router: nn.Module
     router_path: str  # dotted path of the router, e.g. "model.layers.3.mlp.gate"
+    decoder: nn.Module | None = None  # the decoder layer that holds the block (or is it)
     modules: list = field(default_factory=list)  # MaskedLoRASwitchLinear, one per target
     module_names: list = field(default_factory=list)  # attribute names inside ``experts``
 

@@ -35,8 +35,8 @@ from .config import DRLoRAConfig
 from .drlora import DRLoRA
 from .errors import InputError
 from .files import write_bytes, write_json
-from .families import FAMILIES, family_of
-from .hf_families import HFFamily, hf_family
+from .families import FAMILIES, family_of, hf_family
+from .families.spec import HFFamily
 from .peft_layout import PREFIX, Module, Pair, fused_plan, linear_plan, pack, per_expert_plan, unpack
 
 LAYOUTS = ("fused", "per-expert")

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 from .adapters import load_into, read_config
 from .errors import InputError
-from .families import family_of
+from .families import FAMILIES, family_of
 from .hf_checkpoint import copy_tokenizer, readable_by_both, save_hf_checkpoint, save_weights
 from .routing import unobserve
 from .tree import module_at, replace_module
@@ -189,7 +189,16 @@ def _save(path: Path, family: str, weights: dict[str, mx.array], config: dict) -
             config["quantization_config"] = config["quantization"]
     save_weights(path, weights, "mlx")
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    hint = ("mlx-lm reads float gpt-oss experts only in its own layout, transformers only in the Hugging Face one; "
-            "MXFP4 experts (--requantize on an MXFP4 base) both read" if family == "gpt_oss" else
-            "transformers does not read MLX quantization; --dequantize writes a float model both read")
-    return f"mlx-lm only ({hint})"
+    return f"mlx-lm only ({_why_mlx_lm_only(family)})"
+
+
+def _why_mlx_lm_only(family: str) -> str:
+    entry = FAMILIES[family]
+    if entry.hf is None:
+        return f"drlora-mlx writes {family} in mlx-lm's layout only"
+    if entry.export_refusal:
+        return f"transformers computes {family} differently: {entry.export_refusal}"
+    if family == "gpt_oss":
+        return ("mlx-lm reads float gpt-oss experts only in its own layout, transformers only in the Hugging Face "
+                "one; MXFP4 experts (--requantize on an MXFP4 base) both read")
+    return "transformers does not read MLX quantization; --dequantize writes a float model both read"

@@ -19,7 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import InputError
-from .hf_families import HFFamily, hf_family
+from .families import FAMILIES, hf_family
+from .families.spec import HFFamily
 
 _EXPERT_KEY = re.compile(
     r"^(?P<block>.+)\.(?:switch_mlp|experts)\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<kind>weight|bias|scales|biases)$"
@@ -48,7 +49,11 @@ def _mxfp4_experts(family: str, weights: dict[str, mx.array], config: dict) -> b
 
 def readable_by_both(family: str, weights: dict[str, mx.array], config: dict) -> bool:
     """Whether mlx-lm and transformers both read the Hugging Face checkpoint of these weights:
-    float weights (gpt-oss: MXFP4 experts, as mlx-lm reads no float gpt-oss experts in this layout)."""
+    a family drlora-mlx can write in the Hugging Face layout, float weights (gpt-oss: MXFP4
+    experts, as mlx-lm reads no float gpt-oss experts in this layout)."""
+    entry = FAMILIES.get(family)
+    if entry is None or entry.hf is None or entry.export_refusal:
+        return False
     if family == "gpt_oss":
         return _mxfp4_experts(family, weights, config)
     return not _quantized(weights)

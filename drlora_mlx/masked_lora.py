@@ -76,6 +76,14 @@ class MaskedLoRASwitchLinear(nn.Module):
     def num_experts(self) -> int:
         return self.lora_a.shape[0]
 
+    @property
+    def input_dims(self) -> int:
+        return self.lora_a.shape[2]
+
+    @property
+    def output_dims(self) -> int:
+        return self.lora_b.shape[1]
+
     def ranks(self) -> np.ndarray:
         """The active rank of every expert."""
         return ranks_of(self.rank_mask)

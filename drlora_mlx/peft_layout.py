@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
-from .hf_families import HFFamily
+from .families.spec import HFFamily
 
 PREFIX = "base_model.model."
 

@@ -63,11 +63,15 @@ def unobserve(module: nn.Module) -> None:
 
 def router_linear(router: nn.Module) -> tuple[str, nn.Module]:
     """The linear map inside a router, with its path relative to the router:
-    the router itself ("") for linear gates, ``layer`` for Granite's gating,
-    and the router for DeepSeek-style gates that hold a bare ``weight``."""
-    if "layer" in router and isinstance(router["layer"], nn.Module):
-        return "layer", router["layer"]
-    return "", router
+    the router itself ("") for linear gates and for DeepSeek-style gates that
+    hold a bare ``weight``, else its one linear child, whatever its name
+    (Granite's ``layer``, ``gate_proj``, ``wg``, ``gate``, ``proj``, ``classifier``)."""
+    if isinstance(router, (nn.Linear, nn.QuantizedLinear)) or isinstance(router.get("weight"), mx.array):
+        return "", router
+    linears = [(k, v) for k, v in router.children().items() if isinstance(v, (nn.Linear, nn.QuantizedLinear))]
+    if len(linears) != 1:
+        raise ValueError(f"{type(router).__name__} has {len(linears)} linear layers; expected one")
+    return linears[0]
 
 
 def router_weight(router: nn.Module) -> mx.array:
@@ -82,6 +86,7 @@ class RoutingSite:
     block: nn.Module
     n_experts: int
     weights_rule: Optional[Callable]
+    routed: Optional[Callable] = None  # which slots reached a real expert (all when None)
 
 
 class RoutingRecorder:
@@ -118,11 +123,12 @@ class RoutingRecorder:
         indices = mx.stop_gradient(args[1])
         mask = self._token_mask.reshape(indices.shape[:-1]).astype(mx.float32)
         spec = self.sites[site]
-        if self.signal == "count":
-            values = mx.broadcast_to(mask[..., None], indices.shape)
-        else:
-            weights = spec.weights_rule(self._router_out[site], indices, spec.block)
-            values = mx.stop_gradient(weights) * mask[..., None]
+        values = mx.broadcast_to(mask[..., None], indices.shape)
+        if spec.routed is not None:
+            values = values * spec.routed(self._router_out[site], indices, spec.block).astype(mx.float32)
+        if self.signal == "weight":
+            weights = spec.weights_rule(self._router_out[site], indices, spec.block, args[0])
+            values = mx.stop_gradient(weights) * values
         sums = mx.zeros((spec.n_experts,), dtype=mx.float32)
         self._sums[site] = sums.at[indices.reshape(-1)].add(values.reshape(-1))
 

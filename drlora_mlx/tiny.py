@@ -12,12 +12,11 @@ nothing is downloaded.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,6 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import InputError
 from .families import FAMILIES
+from .families.spec import TinyShape
 from .hf_checkpoint import save_hf_checkpoint
 
 CHATML_TEMPLATE = (
@@ -38,22 +38,12 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BUILD_VERSION = 3  # bump when the recipe changes, so caches rebuild
 
 
-@dataclass(frozen=True)
-class TinyShape:
-    """The sizes of a tiny model; every family maps them onto its own config keys."""
-
-    hidden: int = 64
-    layers: int = 2
-    experts: int = 8
-    top_k: int = 2
-    expert_dim: int = 32
-    heads: int = 4
-    kv_heads: int = 2
-    vocab: int = 384
-
-
-def _family_config(family: str, s: TinyShape) -> dict:
-    head_dim = s.hidden // s.heads
+def family_config(family: str, s: TinyShape) -> dict:
+    """config.json of a tiny ``family`` model: the keys every family shares, then the entry's own."""
+    entry = FAMILIES.get(family)
+    if entry is None or entry.tiny is None:
+        tiny = sorted(n for n, f in FAMILIES.items() if f.tiny is not None)
+        raise InputError(f"no tiny configuration for family {family!r}; choose from {', '.join(tiny)}")
     common = {
         "model_type": family,
         "hidden_size": s.hidden,
@@ -68,94 +58,16 @@ def _family_config(family: str, s: TinyShape) -> dict:
         "tie_word_embeddings": False,
         "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
     }
-    mla = {  # DeepSeek's multi-head latent attention, scaled down
-        "q_lora_rank": None,
-        "kv_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 16,
-        "n_routed_experts": s.experts,
-        "moe_intermediate_size": s.expert_dim,
-        "intermediate_size": 2 * s.expert_dim,
-        "n_shared_experts": 1,
-        "first_k_dense_replace": 1 if s.layers > 1 else 0,
-        "moe_layer_freq": 1,
-        "n_group": 1,
-        "topk_group": 1,
-        "rope_scaling": {"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096},
-    }
-    per_family = {
-        "qwen3_moe": {
-            "num_experts": s.experts,
-            "moe_intermediate_size": s.expert_dim,
-            "intermediate_size": 2 * s.expert_dim,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "head_dim": head_dim,
-            "norm_topk_prob": True,
-        },
-        "qwen2_moe": {
-            "num_experts": s.experts,
-            "moe_intermediate_size": s.expert_dim,
-            "intermediate_size": 2 * s.expert_dim,
-            "shared_expert_intermediate_size": 2 * s.expert_dim,
-        },
-        "olmoe": {"num_experts": s.experts, "intermediate_size": s.expert_dim, "norm_topk_prob": False},
-        "mixtral": {"num_local_experts": s.experts, "intermediate_size": s.expert_dim},
-        "phimoe": {
-            "num_local_experts": s.experts,
-            "intermediate_size": s.expert_dim,
-            "rope_scaling": None,
-            "router_jitter_noise": 0.01,
-        },
-        "deepseek_v2": {**mla, "topk_method": "greedy", "routed_scaling_factor": 1.0},
-        "deepseek_v3": {
-            **mla,
-            "topk_method": "noaux_tc",
-            "scoring_func": "sigmoid",
-            "norm_topk_prob": True,
-            "routed_scaling_factor": 2.5,
-        },
-        "glm4_moe": {
-            "n_routed_experts": s.experts,
-            "moe_intermediate_size": s.expert_dim,
-            "intermediate_size": 2 * s.expert_dim,
-            "n_shared_experts": 1,
-            "first_k_dense_replace": 1 if s.layers > 1 else 0,
-            "n_group": 1,
-            "topk_group": 1,
-            "norm_topk_prob": True,
-            "routed_scaling_factor": 2.5,
-            "head_dim": head_dim,
-            "rope_scaling": None,
-            "use_qk_norm": True,
-            "attention_bias": False,
-            "partial_rotary_factor": 0.5,
-        },
-        "gpt_oss": {
-            "num_local_experts": s.experts,
-            "intermediate_size": s.expert_dim,
-            "head_dim": head_dim,
-            "sliding_window": 16,
-            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s.layers)],
-        },
-        "granitemoe": {
-            "num_local_experts": s.experts,
-            "intermediate_size": s.expert_dim,
-            "logits_scaling": 1.0,
-            "attention_multiplier": head_dim**-0.5,
-            "embedding_multiplier": 1.0,
-            "residual_multiplier": 1.0,
-            "attention_bias": False,
-            "tie_word_embeddings": True,
-        },
-    }
-    if family not in per_family:
-        raise InputError(f"no tiny configuration for family {family!r}; choose from {', '.join(sorted(per_family))}")
-    return {**common, **per_family[family]}
+    own = entry.tiny(s)
+    if "text_config" not in own:
+        return {**common, **own}
+    # A wrapper around a language model: the shared keys describe the language model.
+    text = {**common, **own["text_config"]}
+    return {**{k: v for k, v in own.items() if k != "text_config"}, "model_type": family, "text_config": text,
+            "eos_token_id": common["eos_token_id"]}
 
 
-TINY_FAMILIES = tuple(sorted(FAMILIES))
+TINY_FAMILIES = tuple(sorted(n for n, f in FAMILIES.items() if f.tiny is not None))
 
 
 def _init_weights(model: nn.Module, seed: int) -> None:
@@ -223,10 +135,12 @@ def build_tiny(
         raise InputError("the Hugging Face layout is written in float: transformers does not read MLX quantization")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = _family_config(family, shape)
-    module = importlib.import_module(f"mlx_lm.models.{family}")
+    from mlx_lm.utils import _get_classes  # mlx-lm's own model_type -> model file resolution
+
+    config = family_config(family, shape)
+    model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
-    model = module.Model(module.ModelArgs.from_dict(config))
+    model = model_class(args_class.from_dict(config))
     _init_weights(model, seed)
     if quantize_bits is not None:
         from mlx_lm.utils import quantize_model
