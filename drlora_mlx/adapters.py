@@ -114,7 +114,9 @@ def save_adapter(drlora: DRLoRA, adapter_path: str | os.PathLike, model_path: st
         "method": drlora.config.to_dict(),
         "routing_signal_used": drlora.routing_signal,
         "layers": [
-            {"layer": layer.index, "modules": dict(zip(drlora.targets, layer.module_paths()))}
+            {"layer": layer.index, "block": layer.path, "router": layer.router_path,
+             "router_extras": [f"{layer.path}.{k}" for k in drlora.family.block_router_params],
+             "modules": dict(zip(drlora.targets, layer.module_paths()))}
             for layer in drlora.layers
         ],
     }

@@ -35,7 +35,7 @@ from .config import DRLoRAConfig
 from .drlora import DRLoRA
 from .errors import InputError
 from .files import write_bytes, write_json
-from .families import FAMILIES, family_of, hf_family
+from .families import family_of, hf_family
 from .families.spec import HFFamily
 from .peft_layout import PREFIX, Module, Pair, fused_plan, linear_plan, pack, per_expert_plan, unpack
 
@@ -60,6 +60,7 @@ class Adapter:
     extras: list[Module]  # fixed-rank LoRA on attention / shared experts
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # A (E, r, in), B (E, out, r)
     routers: dict[str, np.ndarray] = field(default_factory=dict)  # trained router parameters
+    router_paths: list[str] = field(default_factory=list)  # the router modules
 
 
 def _numpy(x: mx.array) -> np.ndarray:
@@ -73,9 +74,10 @@ def read_adapter(adapter_path: str | os.PathLike) -> Adapter:
     config = DRLoRAConfig.from_dict(meta["method"])
     family = meta["family"]
     weights = read_arrays(adapter_path / ADAPTER_WEIGHTS, "adapter weights")
-    blocks = [next(iter(entry["modules"].values())).rsplit(".", 2)[0] for entry in meta["layers"]]
-    routers = [f"{block}.{FAMILIES[family].router}" for block in blocks]
-    saved = read_state(adapter_path, routers)
+    blocks = [entry["block"] for entry in meta["layers"]]
+    routers = [entry["router"] for entry in meta["layers"]]
+    router_state = routers + [key for entry in meta["layers"] for key in entry.get("router_extras", [])]
+    saved = read_state(adapter_path, router_state)
     r_max = config.ranks.r_max
     adapter = Adapter(family, meta["model"], config, [], [])
     for block, entry in zip(blocks, meta["layers"]):
@@ -92,6 +94,7 @@ def read_adapter(adapter_path: str | os.PathLike) -> Adapter:
         adapter.extras.append(Module(path, (r,), a.shape[2], b.shape[1]))
         adapter.factors[path] = (a, b)
     adapter.routers = {k: _numpy(v) for k, v in saved.routers.items()}
+    adapter.router_paths = routers
     return adapter
 
 
@@ -115,11 +118,17 @@ def _check_layout(adapter: Adapter, layout: str, hf: HFFamily) -> None:
 
 def _plan(adapter: Adapter, layout: str, hf: HFFamily) -> tuple[list[Pair], list[Pair]]:
     """(expert pairs, fixed-rank pairs) of the layout."""
-    shared = FAMILIES[adapter.family].shared_experts
-    in_shared_expert = lambda path: any(f".{attr}." in path for attr in shared)  # noqa: E731
     if layout == "fused":
-        return fused_plan(adapter.layers, hf), linear_plan(adapter.extras, hf.fused_path, in_shared_expert)
-    return per_expert_plan(adapter.layers, hf), linear_plan(adapter.extras, lambda p: p, in_shared_expert)
+        return fused_plan(adapter.layers, hf), linear_plan(adapter.extras, hf.fused_path, _named_like_an_expert,
+                                                           hf.adapter_key)
+    return per_expert_plan(adapter.layers, hf), linear_plan(adapter.extras, lambda p: p, _named_like_an_expert)
+
+
+def _named_like_an_expert(path: str) -> bool:
+    """PEFT's transformers-5 conversion takes every *module* target named like an expert projection
+    for the fused experts; such layers (shared experts, Arcee's attention gate) are targeted by
+    their ``weight`` parameter instead."""
+    return path.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")
 
 
 def _router_key(path: str, layout: str, hf: HFFamily) -> str:
@@ -131,7 +140,7 @@ def _peft_config(adapter: Adapter, experts: list[Pair], extras: list[Pair], layo
     top = max(p.rank for p in experts)
     pairs = experts + extras
     ranks = {p.target: p.rank for p in pairs if p.rank != top}
-    modules = sorted({path.rsplit(".", 1)[0] for path in adapter.routers})
+    modules = sorted(hf.fused_path(p) if layout == "fused" else p for p in adapter.router_paths) if adapter.routers else []
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -143,7 +152,7 @@ def _peft_config(adapter: Adapter, experts: list[Pair], extras: list[Pair], layo
         "alpha_pattern": ranks,
         "target_modules": sorted(p.target for p in pairs if not p.is_parameter),
         "target_parameters": sorted(p.target for p in pairs if p.is_parameter) or None,
-        "modules_to_save": [hf.fused_path(m) if layout == "fused" else m for m in modules] or None,
+        "modules_to_save": modules or None,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

@@ -23,8 +23,10 @@ from .families import FAMILIES, hf_family
 from .families.spec import HFFamily
 
 _EXPERT_KEY = re.compile(
-    r"^(?P<block>.+)\.(?:switch_mlp|experts)\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<kind>weight|bias|scales|biases)$"
+    r"^(?P<block>.+)\.(?:switch_mlp|experts)\.(?P<proj>gate_proj|up_proj|down_proj|fc1|fc2)"
+    r"\.(?P<kind>weight|bias|scales|biases)$"
 )
+_SWITCH_MLP = {"fc1": "up_proj", "fc2": "down_proj"}  # SwitchMLP's two projections
 # What transformers keeps in float when it loads a gpt-oss MXFP4 checkpoint (as the released models say).
 _GPT_OSS_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -76,6 +78,22 @@ def _per_expert(block: str, projs: dict, hf: HFFamily) -> dict:
     return out
 
 
+def _fused(block: str, projs: dict, hf: HFFamily) -> dict:
+    """transformers 5's own layout: experts.gate_up_proj (E, 2I, H), gate rows first, and experts.down_proj."""
+    out = {f"{block}.experts.down_proj": projs["down_proj"]["weight"]}
+    if "gate_proj" in projs:
+        out[f"{block}.experts.gate_up_proj"] = mx.concatenate([projs["gate_proj"]["weight"], projs["up_proj"]["weight"]],
+                                                              axis=1)
+    else:
+        out[f"{block}.experts.up_proj"] = projs["up_proj"]["weight"]
+    return out
+
+
+def _fused_transposed(block: str, projs: dict, hf: HFFamily) -> dict:
+    """The original Qwen3-VL / Llama 4 checkpoints: experts.gate_up_proj (E, H, 2I) and down_proj (E, I, H)."""
+    return {k: v.swapaxes(1, 2) for k, v in _fused(block, projs, hf).items()}
+
+
 def _granite(block: str, projs: dict, hf: HFFamily) -> dict:
     gate_up = mx.concatenate([projs["gate_proj"]["weight"], projs["up_proj"]["weight"]], axis=1)
     return {f"{block}.input_linear.weight": gate_up, f"{block}.output_linear.weight": projs["down_proj"]["weight"]}
@@ -102,7 +120,8 @@ def _gpt_oss(block: str, projs: dict, hf: HFFamily) -> dict:
     return out
 
 
-_STORAGE = {"per-expert": _per_expert, "granite": _granite, "gpt_oss": _gpt_oss}
+_STORAGE = {"per-expert": _per_expert, "fused": _fused, "fused-transposed": _fused_transposed, "granite": _granite,
+            "gpt_oss": _gpt_oss}
 
 
 def _kv_b_proj(embed_q: mx.array, unembed_out: mx.array) -> mx.array:
@@ -121,12 +140,20 @@ def hf_weights(family: str, weights: dict[str, mx.array], config: dict) -> dict[
         )
     out, experts = {}, {}
     for key, value in weights.items():
+        if key.endswith(".embed_q.weight"):
+            key, value = key.replace("embed_q", "kv_b_proj"), _kv_b_proj(value, weights[key.replace("embed_q", "unembed_out")])
+        elif key.endswith(".unembed_out.weight"):
+            continue
+        elif value.ndim == 3 and any(key.endswith(s) for s in hf.channels_first):
+            value = value.moveaxis(2, 1)
+        elif value.ndim == 1 and any(key.endswith(s) for s in hf.zero_centred):
+            value = value - 1.0
+        key = hf.checkpoint_path(key)
         m = _EXPERT_KEY.match(key)
         if m:
-            experts.setdefault(m["block"], {}).setdefault(m["proj"], {})[m["kind"]] = value
-        elif key.endswith(".self_attn.embed_q.weight"):
-            out[key.replace("embed_q", "kv_b_proj")] = _kv_b_proj(value, weights[key.replace("embed_q", "unembed_out")])
-        elif not key.endswith(".self_attn.unembed_out.weight"):
+            proj = _SWITCH_MLP.get(m["proj"], m["proj"])
+            experts.setdefault(m["block"], {}).setdefault(proj, {})[m["kind"]] = value
+        else:
             out[key] = value
     for block, projs in experts.items():
         out.update(_STORAGE[hf.storage](block, projs, hf))

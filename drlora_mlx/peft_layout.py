@@ -115,14 +115,19 @@ def fused_plan(layers: list[tuple[str, dict[str, Module]]], hf: HFFamily) -> lis
                     slots.append(Slot(module.path, e, module.ranks[e], e, offset, rows))
                     offset += module.ranks[e]
                 need = max(need, offset)
-            fused.append(Pair("", f"{experts}.gate_up_proj", True, n_experts, need, some.in_dims,
-                              2 * some.out_dims, slots))
+            if hf.gated_experts:
+                fused.append(Pair("", f"{experts}.gate_up_proj", True, n_experts, need, some.in_dims,
+                                  2 * some.out_dims, slots))
+            else:  # ReLU^2 experts (Nemotron-H): experts.up_proj alone
+                slots = [Slot(s.source, s.expert, s.rank, s.e, s.offset) for s in slots]
+                fused.append(Pair("", f"{experts}.up_proj", True, n_experts, need, some.in_dims, some.out_dims,
+                                  slots))
         down = modules.get("down_proj")
         if down is not None:
             slots = [Slot(down.path, e, r, e) for e, r in enumerate(down.ranks)]
             fused.append(Pair("", f"{experts}.down_proj", True, len(down.ranks), max(down.ranks), down.in_dims,
                               down.out_dims, slots))
-        # PEFT nests one wrapper per parameter: the first (gate_up) inside, as ``base_layer``.
+        # PEFT nests one wrapper per parameter: the first (gate_up or up) inside, as ``base_layer``.
         for pair in fused:
             pair.key = f"{experts}.base_layer" if len(fused) == 2 and pair is fused[0] else experts
         pairs += fused
@@ -151,15 +156,18 @@ def per_expert_plan(layers: list[tuple[str, dict[str, Module]]], hf: HFFamily) -
     return pairs
 
 
-def linear_plan(modules: list[Module], rename, as_parameter) -> list[Pair]:
+def linear_plan(modules: list[Module], rename, as_parameter, key_rename=None) -> list[Pair]:
     """One pair per fixed-rank LoRA linear layer, targeted as a module, or as its
-    ``weight`` parameter where ``as_parameter(path)`` says so (same tensors and keys)."""
+    ``weight`` parameter where ``as_parameter(path)`` says so (same tensors and keys).
+    ``rename`` gives the target's name, ``key_rename`` (default ``rename``) its tensors'."""
+    key_rename = key_rename or rename
     pairs = []
     for m in modules:
         name = rename(m.path)
         parameter = as_parameter(m.path)
         target = f"{name}.weight" if parameter else name
-        pairs.append(Pair(name, target, parameter, 1, m.ranks[0], m.in_dims, m.out_dims, [Slot(m.path, 0, m.ranks[0])]))
+        pairs.append(Pair(key_rename(m.path), target, parameter, 1, m.ranks[0], m.in_dims, m.out_dims,
+                          [Slot(m.path, 0, m.ranks[0])]))
     return pairs
 
 

@@ -40,6 +40,7 @@ def encode(drlora) -> dict[str, mx.array]:
     if drlora.trained_routers():  # an unchanged router is the base model's own
         for layer in drlora.layers:
             arrays.update({f"{layer.router_path}.{k}": v for k, v in tree_flatten(layer.router.parameters())})
+            arrays.update({f"{layer.path}.{k}": layer.block[k] for k in drlora.family.block_router_params})
     return arrays
 
 
@@ -56,7 +57,7 @@ class AdapterState:
 
 
 def decode(arrays: dict[str, mx.array], router_paths=()) -> AdapterState:
-    """The state in ``arrays``; ``router_paths`` says which prefixes are routers."""
+    """The state in ``arrays``; ``router_paths`` says which keys (or prefixes of keys) are routers'."""
     state = AdapterState(frequency=arrays.get(FREQUENCY), seen=arrays.get(SEEN))
     for key, value in arrays.items():
         if key.endswith(".rank_mask"):
@@ -65,14 +66,15 @@ def decode(arrays: dict[str, mx.array], router_paths=()) -> AdapterState:
             state.importance[key[: -len(".importance")]] = value
         elif key.endswith(".rank") and value.ndim == 0:
             state.fixed_ranks[key[: -len(".rank")]] = int(value.item())
-        elif any(key.startswith(p + ".") for p in router_paths):
+        elif any(key == p or key.startswith(p + ".") for p in router_paths):
             state.routers[key] = value
     return state
 
 
 def restore(drlora, arrays: dict[str, mx.array]) -> None:
     """Put encoded state into ``drlora`` (attached with the same settings)."""
-    state = decode(arrays, [layer.router_path for layer in drlora.layers])
+    state = decode(arrays, [layer.router_path for layer in drlora.layers]
+                   + [f"{layer.path}.{k}" for layer in drlora.layers for k in drlora.family.block_router_params])
     for path, module in drlora.expert_modules():
         module.set_ranks(np.array(state.expert_ranks[path], dtype=np.int64))
         module.importance = state.importance[path]

@@ -57,6 +57,7 @@ def family_config(family: str, s: TinyShape) -> dict:
         "max_position_embeddings": 4096,
         "tie_word_embeddings": False,
         "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
+        "pad_token_id": SPECIAL_TOKENS.index("<|endoftext|>"),
     }
     own = entry.tiny(s)
     if "text_config" not in own:
@@ -64,7 +65,7 @@ def family_config(family: str, s: TinyShape) -> dict:
     # A wrapper around a language model: the shared keys describe the language model.
     text = {**common, **own["text_config"]}
     return {**{k: v for k, v in own.items() if k != "text_config"}, "model_type": family, "text_config": text,
-            "eos_token_id": common["eos_token_id"]}
+            "eos_token_id": common["eos_token_id"], "pad_token_id": common["pad_token_id"]}
 
 
 TINY_FAMILIES = tuple(sorted(n for n, f in FAMILIES.items() if f.tiny is not None))

@@ -346,6 +346,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arms", default=None, help="comma list of arms (default: all)")
     parser.add_argument("--seeds", default=None, help="comma list of seeds (default: the configuration's)")
     parser.add_argument("--learning-rate", type=float, default=None, help="fine-tuning learning rate of every arm")
+    parser.add_argument("--iters", type=int, default=None, help="fine-tuning iterations of every arm")
     parser.add_argument("--report", action="store_true",
                         help="only write results.md and the figures again from OUT/results.json")
     args = parser.parse_args(argv)
@@ -364,6 +365,8 @@ def main(argv=None) -> int:
         setting = replace(setting, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.learning_rate:
         setting = replace(setting, learning_rate=args.learning_rate)
+    if args.iters:
+        setting = replace(setting, iters=args.iters)
     all_arms = arms(*setting.ranks)
     arm_names = args.arms.split(",") if args.arms else list(MAIN_ARMS)
     tasks = args.tasks.split(",")

@@ -30,12 +30,12 @@ from drlora_mlx.routing import router_linear
 from drlora_mlx.cli import main
 from drlora_mlx.config import DRLoRAConfig
 from drlora_mlx.export import EXPORT_INFO, PEFT_CONFIG, PEFT_WEIGHTS, export_peft, import_peft, read_export
-from drlora_mlx.families import FAMILIES
+from drlora_mlx.families import FAMILIES, UnsupportedModelError
 from drlora_mlx.fuse import probe_inputs
 
 from .helpers import SHAPE, heterogeneous_ranks, randomize_b
 from .test_cli import run_cli
-from .test_hf_checkpoint import TOKENS, TOL, ours, theirs
+from .test_hf_checkpoint import HF_FAMILIES, TOKENS, TOL, ours, theirs
 
 TRAIN = ["--iters", "30", "--batch-size", "4", "--learning-rate", "5e-3", "--steps-per-report", "10",
          "--steps-per-eval", "1000", "--val-batches", "1", "--r-init", "2", "--r-target", "4", "--r-max", "8",
@@ -69,17 +69,30 @@ def trained(tiny_models, tmp_path_factory):
     return get
 
 
+def _has_shared_experts(tiny_models, family) -> bool:
+    if not FAMILIES[family].shared_experts:
+        return False
+    model, _ = mlx_lm_load(str(tiny_models(family, shape=SHAPE)))
+    try:
+        attach(model, DRLoRAConfig(r_init=2, r_target=4, r_max=8, shared_expert_rank=2))
+    except UnsupportedModelError:  # the family can have them, this configuration has none (MiMo)
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def synthetic(tiny_models, tmp_path_factory):
-    """synthetic(family, router) -> (HF-layout model, adapter dir) with random ranks and B instead of
-    training, for the families beyond the five the issue trains."""
+    """synthetic(family, router) -> (model, adapter dir) with random ranks and B instead of training,
+    for the families beyond the five the issue trains; the model is in the Hugging Face layout where
+    drlora-mlx exports the family, in mlx-lm's otherwise."""
     made = {}
 
     def get(family, router=True):
         if (family, router) not in made:
-            path = tiny_models(family, shape=SHAPE, layout="hf")
+            layout = "hf" if family in HF_FAMILIES else "mlx"
+            path = tiny_models(family, shape=SHAPE, layout=layout)
             model, _ = mlx_lm_load(str(path))
-            shared = 2 if FAMILIES[family].shared_experts else 0
+            shared = 2 if _has_shared_experts(tiny_models, family) else 0
             config = DRLoRAConfig(r_init=2, r_target=4, r_max=8, train_router="always" if router else "never",
                                   attention_rank=2, shared_expert_rank=shared)
             drlora = attach(model, config, seed=0)
@@ -127,7 +140,10 @@ def test_peft_on_transformers_5_computes_drlora_logits(trained, tmp_path, family
     assert bool(config["modules_to_save"]) == (router == "always")
 
 
-OTHERS = [(f, "fused") for f in ("phimoe", "deepseek_v2", "glm4_moe", "granitemoe")] + [
+# Every other family drlora-mlx exports (the 2026 families in the fused layout only).
+NEW_FAMILIES = sorted(set(HF_FAMILIES) - set(REQUIRED) - {"qwen2_moe", "phimoe", "deepseek_v2", "glm4_moe",
+                                                          "granitemoe"})
+OTHERS = [(f, "fused") for f in ("phimoe", "deepseek_v2", "glm4_moe", "granitemoe", *NEW_FAMILIES)] + [
     ("deepseek_v2", "per-expert"),
     ("glm4_moe", "per-expert"),
 ]
@@ -322,6 +338,12 @@ def test_refusals_are_one_line_and_exit_2(trained, synthetic, tmp_path, capsys):
         (["export", "--adapter-path", str(trained("mixtral")[1]), "--layout", "per-expert"],
          "cannot carry the trained router"),
         (["export", "--adapter-path", str(adapter), "--format", "gguf"], "'gguf' is not 'peft'"),
+        (["export", "--adapter-path", str(synthetic("jamba")[1])],
+         "jamba cannot be exported for transformers: mlx-lm's Jamba renormalises"),
+        (["export", "--adapter-path", str(synthetic("phixtral")[1])],
+         "family 'phixtral' has no Hugging Face counterpart (transformers has no such model)"),
+        (["export", "--adapter-path", str(synthetic("qwen3_5_moe")[1]), "--layout", "per-expert"],
+         "qwen3_5_moe cannot be exported with --layout per-expert: this family is exported in the fused layout"),
         (["fuse", "--adapter-path", str(stock), "--save-path", str(tmp_path / "f")],
          "is not a drlora-mlx adapter directory"),
         (["fuse", "--adapter-path", str(adapter), "--save-path", str(tmp_path / "f"), "--requantize"],
@@ -382,3 +404,20 @@ def test_train_starts_from_a_peft_export(trained, tmp_path, capsys):
     code, _, err = run_cli(["train", "--model", str(model), "--resume-from", str(tmp_path / "peft"),
                             "--adapter-path", str(tmp_path / "x"), "--iters", "4", "--r-max", "16"], capsys)
     assert code == 2 and "the PEFT export was trained with r_max=8, this run asks for r_max=16" in err
+
+
+@pytest.mark.parametrize("family", sorted(n for n, f in FAMILIES.items() if f.tiny is not None))
+def test_fuse_gives_the_adapters_logits_for_every_family(synthetic, tmp_path, capsys, family):
+    """Adapter, trained router, attention and shared-expert LoRA merged into the base, for every family;
+    where drlora-mlx writes the Hugging Face layout, transformers reads the fused model alike."""
+    model, adapter = synthetic(family)
+    code, out, err = run_cli(["fuse", "--adapter-path", str(adapter), "--save-path", str(tmp_path / "fused")], capsys)
+    assert code == 0, err
+    want = ours(model, adapter)
+    assert np.abs(ours(model) - want).max() > 1000 * TOL
+    assert np.abs(ours(tmp_path / "fused") - want).max() < TOL
+    if family in HF_FAMILIES and family != "gpt_oss":  # float gpt-oss experts: mlx-lm's layout (see below)
+        assert "read by mlx-lm and transformers" in out
+        assert np.abs(theirs(tmp_path / "fused") - want).max() < TOL
+    else:
+        assert "read by mlx-lm only" in out

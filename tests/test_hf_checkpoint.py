@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from drlora_mlx.adapters import load as drlora_load
-from drlora_mlx.tiny import TINY_FAMILIES
+from drlora_mlx.families import FAMILIES
 
 from .helpers import SHAPE
 
@@ -23,9 +23,23 @@ def ours(model, adapter=None) -> np.ndarray:
     return np.array(m(mx.array(TOKENS)))
 
 
+# Every family drlora-mlx writes in the Hugging Face layout (and exports to PEFT).
+HF_FAMILIES = sorted(n for n, f in FAMILIES.items() if f.hf is not None and not f.export_refusal)
+
+
+def hf_model_class(model):
+    """The transformers class that reads a checkpoint: its causal LM, else (a multimodal wrapper) its
+    image-text-to-text model, else the class its config names."""
+    config = transformers.AutoConfig.from_pretrained(str(model))
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto._model_mapping[type(config)]
+    return getattr(transformers, config.architectures[0])
+
+
 def theirs(model, adapter=None) -> np.ndarray:
     """transformers' logits for TOKENS, with a PEFT adapter when given."""
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    m = hf_model_class(model).from_pretrained(str(model), dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
 
@@ -34,7 +48,7 @@ def theirs(model, adapter=None) -> np.ndarray:
         return m.eval()(torch.tensor(TOKENS)).logits.numpy()
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_hf_layout_checkpoint_reads_alike_in_mlx_lm_and_transformers(tiny_models, family):
     hf = tiny_models(family, shape=SHAPE, layout="hf")
     mlx_logits = ours(hf)

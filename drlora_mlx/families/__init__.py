@@ -59,6 +59,8 @@ def lookup(model) -> tuple[str, Family]:
 def hf_family(name: str) -> HFFamily:
     """The Hugging Face side of a family, for exports and Hugging Face checkpoints."""
     family = FAMILIES.get(name)
+    if family is not None and family.export_refusal:
+        raise UnsupportedModelError(f"{name} cannot be exported for transformers: {family.export_refusal}")
     if family is None or family.hf is None:
         exportable = sorted(n for n, f in FAMILIES.items() if f.hf is not None and not f.export_refusal)
         reason = "transformers has no such model" if family is not None else "drlora-mlx does not know it"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .rules import gated, real_experts, router_scores, scaled
-from .spec import Family, HFFamily, TinyShape
+from .spec import FUSED_ONLY, W_NAMES, Family, HFFamily, TinyShape
 
 # A selection-only bias, balanced outside gradient descent: never trained.
 SELECTION_BIAS = ("e_score_correction_bias",)
@@ -50,7 +50,9 @@ def _glm4_moe_lite(s: TinyShape) -> dict:
 
 
 def _deepseek_v32(s: TinyShape) -> dict:
-    return {**_glm4_moe_lite(s), "index_head_dim": 16, "index_n_heads": 2, "index_topk": 2}
+    # index_topk above the test sequences' length: the indexer keeps every key, as both libraries agree
+    # there (for shorter budgets mlx-lm's and transformers' sparse attention differ)
+    return {**_glm4_moe_lite(s), "index_head_dim": 16, "index_n_heads": 2, "index_topk": 64}
 
 
 def _glm_moe_dsa(s: TinyShape) -> dict:
@@ -69,8 +71,11 @@ def _mistral4(s: TinyShape) -> dict:
     for key in ("topk_method", "scoring_func", "moe_layer_freq", "attention_bias"):
         c.pop(key)
     return {**c, "routed_scaling_factor": 1.0, "rope_interleave": True,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
-                                "original_max_position_embeddings": 4096}}
+            # YaRN at factor 1 (plain RoPE): transformers' default RoPE for Mistral 4 ignores the partial rotary factor
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 1.0, "beta_fast": 32.0,
+                                "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1,
+                                "original_max_position_embeddings": 4096, "max_position_embeddings": 4096,
+                                "partial_rotary_factor": c["qk_rope_head_dim"] / (c["qk_rope_head_dim"] + c["qk_nope_head_dim"])}}
 
 
 def _bailing(s: TinyShape, **extra) -> dict:
@@ -143,6 +148,7 @@ def _lfm2_moe(s: TinyShape) -> dict:
         "norm_eps": 1e-5,
         "conv_bias": False,
         "conv_L_cache": 3,
+        "tie_word_embeddings": True,  # mlx-lm's LFM2 always ties them
         "layer_types": ["conv" if i % 2 == 0 else "full_attention" for i in range(layers)],
     }
 
@@ -235,6 +241,7 @@ FAMILIES = {
         weights=router_scores,
         shared_experts=SHARED,
         frozen_router_params=SELECTION_BIAS,
+        hf=HFFamily(per_expert_refusal=FUSED_ONLY),
         tiny=_deepseek_v32,
     ),
     "glm_moe_dsa": Family(
@@ -242,6 +249,7 @@ FAMILIES = {
         weights=router_scores,
         shared_experts=SHARED,
         frozen_router_params=SELECTION_BIAS,
+        hf=HFFamily(per_expert_refusal=FUSED_ONLY),
         tiny=_glm_moe_dsa,
     ),
     "glm4_moe": Family(
@@ -272,6 +280,7 @@ FAMILIES = {
         weights=router_scores,
         shared_experts=SHARED,
         frozen_router_params=SELECTION_BIAS,
+        hf=HFFamily(per_expert_refusal=FUSED_ONLY),
         tiny=_glm4_moe_lite,
     ),
     "kimi_vl": Family(
@@ -286,18 +295,27 @@ FAMILIES = {
         weights=router_scores,
         shared_experts=SHARED,
         frozen_router_params=SELECTION_BIAS,
+        hf=HFFamily(renames=((".language_model.model.", ".model.language_model."),
+                             (".language_model.lm_head.", ".lm_head.")),
+                    per_expert_refusal=FUSED_ONLY),
         tiny=_kimi("kimi_k2"),
     ),
     "mistral4": Family(
         examples="Mistral Small 4",
         weights=gated("softmax", renorm="args.norm_topk_prob", eps=1e-20, scale="args.routed_scaling_factor"),
         shared_experts=SHARED,
-        tiny=_mistral4,
+        hf=HFFamily(storage="fused", per_expert_refusal=FUSED_ONLY),
+        tiny=lambda s: {**_mistral4(s), "architectures": ["Mistral4ForCausalLM"]},
     ),
     "mistral3": Family(
         examples="Mistral Small 4 in its multimodal wrapper (model_type mistral3, text model mistral4)",
         weights=gated("softmax", renorm="args.norm_topk_prob", eps=1e-20, scale="args.routed_scaling_factor"),
         shared_experts=SHARED,
+        hf=HFFamily(storage="fused", checkpoint_renames=((".language_model.model.", ".model.language_model."),
+                                                         (".language_model.lm_head.", ".lm_head.")),
+                    renames=((".language_model.model.", ".model.language_model."),
+                             (".language_model.lm_head.", ".lm_head.")),
+                    per_expert_refusal=FUSED_ONLY),
         tiny=lambda s: {"text_config": {"model_type": "mistral4", **_mistral4(s)}},
     ),
     "dots1": Family(
@@ -305,6 +323,7 @@ FAMILIES = {
         weights=router_scores,
         shared_experts=SHARED,
         frozen_router_params=SELECTION_BIAS,
+        hf=HFFamily(per_expert_refusal=FUSED_ONLY),
         tiny=lambda s: {"first_k_dense_replace": 1 if s.layers > 1 else 0, "moe_intermediate_size": s.expert_dim,
                         "intermediate_size": 2 * s.expert_dim, "n_routed_experts": s.experts, "n_shared_experts": 1,
                         "norm_topk_prob": True, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
@@ -315,6 +334,7 @@ FAMILIES = {
         weights=router_scores,
         shared_experts=SHARED,
         frozen_router_params=SELECTION_BIAS,
+        hf=HFFamily(per_expert_refusal=FUSED_ONLY),
         tiny=lambda s: {"num_experts": s.experts, "moe_intermediate_size": s.expert_dim,
                         "intermediate_size": 2 * s.expert_dim, "num_shared_experts": 1, "head_dim": s.head_dim,
                         "sliding_window": 4, "routed_scaling_factor": 1.0,
@@ -327,6 +347,7 @@ FAMILIES = {
         weights=router_scores,
         shared_experts=SHARED,
         frozen_router_params=SELECTION_BIAS,
+        export_refusal=("transformers' MiMo-V2-Flash sizes its sliding-window attention from other configuration keys and scales the attention values (attention_value_scale), so the two models compute different outputs"),
         tiny=lambda s: {
             "hybrid_layer_pattern": [i % 2 for i in range(s.layers)],
             "moe_layer_freq": [int(i > 0) for i in range(s.layers)],
@@ -398,6 +419,7 @@ FAMILIES = {
         shared_experts=SHARED,
         frozen_router_params=("expert_bias",),
         attention=("attention",),
+        export_refusal=("transformers' bailing_hybrid reads this configuration differently from mlx-lm's bailing_moe_v3 (head size, expert counts, layer kinds), so the two models compute different outputs"),
         tiny=lambda s: {
             "model_type": "bailing_hybrid",
             "architectures": ["BailingMoeV3ForCausalLM"],
@@ -425,6 +447,7 @@ FAMILIES = {
         weights=scaled(router_scores, "routed_scaling_factor"),
         shared_experts=("shared_expert",),
         frozen_router_params=SELECTION_BIAS,
+        hf=HFFamily(checkpoint_renames=((".mlp.gate.proj.", ".mlp.gate."), (".mlp.gate.e_score_correction_bias.", ".mlp.experts.e_score_correction_bias.")), renames=((".mlp.gate.proj.", ".mlp.gate."), (".mlp.shared_expert.", ".mlp.shared_experts.")), adapter_key_renames=((".mlp.gate.proj.", ".mlp.gate."),), per_expert_refusal=FUSED_ONLY),
         tiny=lambda s: {
             "num_experts": s.experts,
             "moe_intermediate_size": s.expert_dim,
@@ -444,12 +467,17 @@ FAMILIES = {
         shared_experts=SHARED,
         frozen_router_params=SELECTION_BIAS,
         attention=("mixer",),
+        hf=HFFamily(channels_first=("conv1d.weight",), renames=((".backbone.", ".model."),), gated_experts=False,
+                    per_expert_refusal=FUSED_ONLY),
         tiny=_nemotron_h,
     ),
     "lfm2_moe": Family(
         examples="LFM2-8B-A1B, LFM2-24B-A2B",
         weights=gated("sigmoid", renorm="norm_topk_prob", eps=1e-6, scale="routed_scaling_factor"),
         attention=("self_attn",),
+        hf=HFFamily(expert_names=W_NAMES, channels_first=(".conv.conv.weight",),
+                    checkpoint_renames=tuple((f".feed_forward.{p}.", f".feed_forward.{w}.") for p, w in W_NAMES),
+                    per_expert_refusal=FUSED_ONLY),
         tiny=_lfm2_moe,
     ),
     "afmoe": Family(
@@ -457,6 +485,7 @@ FAMILIES = {
         router="router",
         weights=gated("score_func", renorm="route_norm", renorm_single=False, scale="route_scale"),
         shared_experts=SHARED,
+        hf=HFFamily(per_expert_refusal=FUSED_ONLY),
         tiny=lambda s: {
             "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(max(s.layers, 2))],
             "num_hidden_layers": max(s.layers, 2),
@@ -503,12 +532,14 @@ FAMILIES = {
     "minimax": Family(
         examples="MiniMax-M2, MiniMax-M2.1 (model_type minimax_m2)",
         weights=gated("sigmoid", renorm=True, eps=1e-20),
+        hf=HFFamily(expert_names=W_NAMES, renames=((".block_sparse_moe.", ".mlp."),), per_expert_refusal=FUSED_ONLY),
         tiny=_minimax,
     ),
     "minimax_m3_vl": Family(
         examples="MiniMax-M3 (the language model)",
         weights=gated("sigmoid", renorm=True, eps=1e-20, scale="routed_scaling_factor"),
         shared_experts=SHARED,
+        export_refusal=("transformers' MiniMax-M3 and mlx-lm's compute different outputs for the same weights (checked on a tiny model: logits differ by about 4), so a PEFT export would not reproduce the adapter"),
         tiny=_minimax_m3_vl,
     ),
     "kimi_linear": Family(
@@ -516,6 +547,22 @@ FAMILIES = {
         weights=gated("args.moe_router_activation_func", renorm="args.moe_renormalize", eps=1e-20,
                       renorm_single=False, scale="args.routed_scaling_factor"),
         shared_experts=SHARED,
+        block_router_params=SELECTION_BIAS,
+        hf=HFFamily(
+            expert_names=W_NAMES,
+            # MoE layers keep the original block_sparse_moe names on disk; dense layers are mlp.*
+            checkpoint_renames=((".mlp.switch_mlp.", ".block_sparse_moe.switch_mlp."),
+                                (".mlp.shared_experts.", ".block_sparse_moe.shared_experts."),
+                                (".mlp.gate.", ".block_sparse_moe.gate."),
+                                (".mlp.e_score_correction_bias.", ".block_sparse_moe.gate.e_score_correction_bias."),
+                                *((f".{x}_conv.conv.", f".{x}_conv1d.") for x in "qkv")),
+            channels_first=("_conv.conv.weight",),
+            renames=((".mlp.e_score_correction_bias.", ".mlp.gate.e_score_correction_bias."),
+                     (".self_attn.f_a_proj.", ".self_attn.forget_gate.f_a_proj."),
+                     (".self_attn.f_b_proj.", ".self_attn.forget_gate.f_b_proj.")),
+            adapter_key_renames=((".mlp.e_score_correction_bias.", ".mlp.gate.e_score_correction_bias."),),
+            per_expert_refusal=FUSED_ONLY,
+        ),
         tiny=lambda s: {
             "num_hidden_layers": max(s.layers, 4),
             "head_dim": s.head_dim,

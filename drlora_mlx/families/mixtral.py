@@ -7,7 +7,7 @@ at decoder-layer level)."""
 from __future__ import annotations
 
 from .rules import gated, router_scores, topk_then_softmax
-from .spec import FUSED_IN_TRANSFORMERS_4, W_NAMES, Family, HFFamily, TinyShape
+from .spec import FUSED_IN_TRANSFORMERS_4, FUSED_ONLY, W_NAMES, Family, HFFamily, TinyShape
 
 
 def _gemma4_text(s: TinyShape) -> dict:
@@ -21,7 +21,9 @@ def _gemma4_text(s: TinyShape) -> dict:
         "hidden_size_per_layer_input": 0,
         "vocab_size_per_layer_input": s.vocab,
         "sliding_window": 8,
-        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s.layers)],
+        # alternating, the last layer full (transformers insists on it)
+        "layer_types": ["full_attention" if i % 2 or i == s.layers - 1 else "sliding_attention"
+                        for i in range(s.layers)],
         "enable_moe_block": True,
         "num_experts": s.experts,
         "top_k_experts": s.top_k,
@@ -140,6 +142,8 @@ FAMILIES = {
         router="router",
         weights=router_scores,
         shared_experts=("shared_mlp",),
+        hf=HFFamily(storage="granite", renames=((".router.layer.", ".router."),), channels_first=("conv1d.weight",),
+                    per_expert_refusal=FUSED_IN_TRANSFORMERS_4),
         tiny=_granitemoehybrid,
     ),
     "jamba": Family(
@@ -163,6 +167,8 @@ FAMILIES = {
         weights=gated("sigmoid"),
         input_scaled=True,
         shared_experts=("shared_expert",),
+        export_refusal=("transformers keeps Llama 4's fused experts transposed, (experts, in, out), and PEFT 0.21 "
+                        "adapts a fused expert parameter as (experts, out, in), so its LoRA would not be this one"),
         tiny=_llama4,
     ),
     "gemma4": Family(
@@ -171,6 +177,11 @@ FAMILIES = {
         weights=router_scores,
         readout=("experts", "output"),
         frozen_router_params=("scale", "per_expert_scale"),
+        hf=HFFamily(storage="fused",
+                    checkpoint_renames=((".language_model.model.", ".model.language_model."),
+                                        (".experts.switch_glu.", ".experts.")),
+                    renames=((".language_model.model.", ".model.language_model."), (".experts.switch_glu.", ".experts.")),
+                    per_expert_refusal=FUSED_ONLY),
         tiny=lambda s: {"vocab_size": s.vocab, "text_config": _gemma4_text(s)},
     ),
     "gemma4_text": Family(
@@ -179,6 +190,8 @@ FAMILIES = {
         weights=router_scores,
         readout=("experts", "output"),
         frozen_router_params=("scale", "per_expert_scale"),
+        hf=HFFamily(storage="fused", checkpoint_renames=((".experts.switch_glu.", ".experts."),),
+                    renames=((".experts.switch_glu.", ".experts."),), per_expert_refusal=FUSED_ONLY),
         tiny=_gemma4_text,
     ),
 }

@@ -5,7 +5,7 @@ OLMoE, Mellum, Hunyuan, ERNIE)."""
 from __future__ import annotations
 
 from .rules import gated, softmax_then_topk
-from .spec import Family, HFFamily, TinyShape
+from .spec import FUSED_ONLY, Family, HFFamily, TinyShape
 
 
 def _qwen3(s: TinyShape) -> dict:
@@ -58,6 +58,9 @@ def _qwen3_vl_moe(s: TinyShape) -> dict:
 
 
 QWEN_SHARED_EXPERT = ("shared_expert",)
+# Qwen3-Next / Qwen3.5 checkpoints store the RMSNorm weights zero-centred (the model adds 1).
+ZERO_CENTRED_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
+                      ".q_norm.weight", ".k_norm.weight")
 
 FAMILIES = {
     "qwen3_moe": Family(
@@ -85,17 +88,30 @@ FAMILIES = {
         examples="Qwen3-Next-80B-A3B, Qwen3-Coder-Next",
         weights=softmax_then_topk("norm_topk_prob"),
         shared_experts=QWEN_SHARED_EXPERT,
+        hf=HFFamily(zero_centred=ZERO_CENTRED_NORMS, channels_first=("conv1d.weight",),
+                    per_expert_refusal=FUSED_ONLY),
         tiny=_qwen3_next,
     ),
     "qwen3_5_moe": Family(
         examples="Qwen3.5-35B-A3B, Qwen3.5-122B-A10B, Qwen3.5-397B-A17B, Qwen3.6-35B-A3B",
         weights=softmax_then_topk("norm_topk_prob"),
         shared_experts=QWEN_SHARED_EXPERT,
+        hf=HFFamily(
+            storage="fused",
+            # the released checkpoints are the multimodal model's; transformers' causal LM drops the wrapper
+            checkpoint_renames=((".language_model.model.", ".model.language_model."),
+                                (".language_model.lm_head.", ".lm_head.")),
+            renames=((".language_model.model.", ".model."),),
+            zero_centred=ZERO_CENTRED_NORMS,
+            channels_first=("conv1d.weight",),
+            per_expert_refusal=FUSED_ONLY,
+        ),
         tiny=_qwen3_5_moe,
     ),
     "qwen3_vl_moe": Family(
         examples="Qwen3-VL-30B-A3B, Qwen3-VL-235B-A22B (the language model)",
         weights=softmax_then_topk("norm_topk_prob"),
+        export_refusal=("transformers' Qwen3-VL applies multimodal (3-D) rotary positions, mlx-lm's language model plain ones, so the two models compute different outputs"),
         tiny=_qwen3_vl_moe,
     ),
     "olmoe": Family(
@@ -107,6 +123,7 @@ FAMILIES = {
     "mellum": Family(
         examples="Mellum (JetBrains)",
         weights=softmax_then_topk("norm_topk_prob"),
+        hf=HFFamily(per_expert_refusal=FUSED_ONLY),
         tiny=lambda s: {
             "num_experts": s.experts,
             "moe_intermediate_size": s.expert_dim,

@@ -30,9 +30,9 @@ FUSED_IN_TRANSFORMERS_4 = (
     "transformers 4 already keeps these experts as fused parameters, so there is no per-expert module "
     "for PEFT to adapt; use --layout fused"
 )
-NO_PER_EXPERT_CONVERSION = (
-    "PEFT on transformers 5 does not convert this family's per-expert LoRA config to its fused experts, so the "
-    "expert adapter would be dropped or fail to load there; use --layout fused (transformers >= 5)"
+FUSED_ONLY = (
+    "this family is exported in the fused layout only, for transformers >= 5 (the per-expert layout is for the "
+    "families transformers 4 already had); use --layout fused"
 )
 
 
@@ -61,17 +61,28 @@ class HFFamily:
     # mlx-lm projection -> per-expert module name in checkpoints and transformers 4
     expert_names: tuple[tuple[str, str], ...] = STANDARD_NAMES
     # how the checkpoint stores routed experts: "per-expert" (experts.{e}.<name>), "fused"
-    # (experts.gate_up_proj (E, 2I, H) and experts.down_proj), "granite" (input_linear /
-    # output_linear) or "gpt_oss" (fused, MXFP4 blocks or transposed float)
+    # (experts.gate_up_proj (E, 2I, H) and experts.down_proj), "fused-transposed" ((E, H, 2I) and
+    # (E, I, H)), "granite" (input_linear / output_linear) or "gpt_oss" (fused, MXFP4 blocks or
+    # transposed float)
     storage: str = "per-expert"
     # the experts' attribute in checkpoint paths, where it is not mlx-lm's own
     experts: str = "experts"
     # (old, new) substrings, dot-delimited: mlx-lm / checkpoint paths -> transformers 5 paths
     renames: tuple[tuple[str, str], ...] = ()
+    # the renames of LoRA tensor keys in a PEFT file, where not ``renames``: PEFT passes those keys through
+    # transformers' own checkpoint conversion, so a rename that conversion makes itself must not be made twice
+    adapter_key_renames: Optional[tuple[tuple[str, str], ...]] = None
     # (old, new) substrings: mlx-lm parameter paths -> checkpoint paths (the inverse of mlx-lm's sanitize)
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
     # the fused gate_up_proj output rows: "concat" ([gate; up]) or "interleave" (gpt-oss)
     gate_up: str = "concat"
+    # transformers' fused experts have a gate_up_proj (False: up_proj and down_proj only, ReLU^2 experts)
+    gated_experts: bool = True
+    # checkpoint weights stored zero-centred (w - 1; the model adds 1): their key suffixes
+    zero_centred: tuple[str, ...] = ()
+    # depthwise convolutions the checkpoint stores (channels, 1, kernel), mlx-lm (channels, kernel, 1):
+    # their key suffixes
+    channels_first: tuple[str, ...] = ()
     # config.json keys transformers needs where its defaults differ from mlx-lm's
     config: dict = field(default_factory=dict)
     # why the per-expert adapter layout cannot work for this family ("" when it can): it must load
@@ -84,6 +95,10 @@ class HFFamily:
     def fused_path(self, path: str) -> str:
         """A module or parameter path as transformers 5 names it."""
         return _rename(path, self.renames)
+
+    def adapter_key(self, path: str) -> str:
+        """A LoRA module path as a PEFT file names its tensors (before transformers' conversion)."""
+        return _rename(path, self.renames if self.adapter_key_renames is None else self.adapter_key_renames)
 
     def checkpoint_path(self, path: str) -> str:
         """An mlx-lm parameter path as the family's Hugging Face checkpoints name it."""
@@ -118,6 +133,8 @@ class Family:
     shared_experts: tuple[str, ...] = ()
     # router parameters that never train (selection-only biases, scales kept as the model has them)
     frozen_router_params: tuple[str, ...] = ()
+    # block parameters that transformers keeps inside the router module (saved and exported with it)
+    block_router_params: tuple[str, ...] = ()
     # decoder-layer attributes that may hold attention (full attention only; hybrid layers differ)
     attention: tuple[str, ...] = ("self_attn",)
     # why routing weights are not available (with ``weights`` None)
