@@ -28,7 +28,7 @@ from .routing import router_linear
 from .config import DRLoRAConfig
 from .drlora import DRLoRA
 from .errors import InputError
-from .files import write_json, write_safetensors
+from .files import Batch, storage
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -101,12 +101,16 @@ def save_adapter(drlora: DRLoRA, adapter_path: str | os.PathLike, model_path: st
     """Write the adapter directory (``training``: the run's training settings,
     recorded beside the method's); returns what was written, for reporting."""
     adapter_path = Path(adapter_path)
-    adapter_path.mkdir(parents=True, exist_ok=True)
+    with storage("the adapter", adapter_path):
+        adapter_path.mkdir(parents=True, exist_ok=True)
     config, weights, router_included = mlx_lm_adapter(drlora)
     config["model"] = model_path
-    write_safetensors(adapter_path / ADAPTER_WEIGHTS, weights)
-    write_json(adapter_path / ADAPTER_CONFIG, config)
-    write_safetensors(adapter_path / STATE_WEIGHTS, state.encode(drlora))
+    # All four files are written before any replaces its previous version: the folder never
+    # holds one run's weights beside another's state.
+    batch = Batch(adapter_path, "the adapter")
+    batch.safetensors(adapter_path / ADAPTER_WEIGHTS, weights)
+    batch.json(adapter_path / ADAPTER_CONFIG, config)
+    batch.safetensors(adapter_path / STATE_WEIGHTS, state.encode(drlora))
     record = {
         "drlora_mlx_version": __version__,
         "family": drlora.family_name,
@@ -122,7 +126,8 @@ def save_adapter(drlora: DRLoRA, adapter_path: str | os.PathLike, model_path: st
     }
     if training is not None:
         record["training"] = training
-    write_json(adapter_path / DRLORA_CONFIG, record)
+    batch.json(adapter_path / DRLORA_CONFIG, record)
+    batch.publish()
     return {"router_trained": bool(drlora.trained_routers()), "router_in_mlx_lm_adapter": router_included}
 
 

@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from . import __version__
 from .errors import InputError
-from .files import fsync_dir, write_json
+from .files import fsync_dir, storage, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.safetensors"
@@ -54,18 +54,20 @@ def _publish(tmp: Path, final: Path) -> None:
 def save(adapter_path: str | os.PathLike, iteration: int, arrays: dict, meta: dict, keep: int = 2) -> Path:
     """Write checkpoint ``iteration`` atomically and keep the newest ``keep``."""
     root = checkpoint_dir(adapter_path)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{iteration:07d}"
-    for stale in root.glob(".tmp-step-*"):  # left by a process killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{iteration:07d}-{os.getpid()}"
-    tmp.mkdir()
-    mx.save_safetensors(str(tmp / STATE), arrays)
-    with open(tmp / STATE, "rb+") as f:
-        os.fsync(f.fileno())
-    write_json(tmp / META, {**meta, "iteration": iteration, "drlora_mlx_version": __version__,
-                            "saved_at": time.time()})
-    _publish(tmp, final)
+    needed = sum(v.nbytes for v in arrays.values())
+    with storage(f"checkpoint {final.name}", root, needed, [tmp]):
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a process killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        mx.save_safetensors(str(tmp / STATE), arrays)
+        with open(tmp / STATE, "rb+") as f:
+            os.fsync(f.fileno())
+        write_json(tmp / META, {**meta, "iteration": iteration, "drlora_mlx_version": __version__,
+                                "saved_at": time.time()})
+        _publish(tmp, final)
     for old in complete(adapter_path)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

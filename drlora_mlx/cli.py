@@ -79,17 +79,20 @@ def cli():
 
 
 def _train(ctx: click.Context, config_file: str | None, **_):
+    from .runlock import holding
     from .start import decide
-    from .train import run
+    from .train import launched_world, run
 
     given = _given(ctx)
     given.pop("config_file", None)
     file_settings = read_yaml(config_file) if config_file else {}
     layered = {**file_settings, **given}
-    default = TrainingArgs.__dataclass_fields__["adapter_path"].default
-    start = decide(layered.get("adapter_path") or default, bool(layered.get("resume")), layered.get("resume_from"))
-    args, config = resolve(given, file_settings, f"config file {config_file}", start.base_settings())
-    run(args, config, start=start)
+    adapter_path = layered.get("adapter_path") or TrainingArgs.__dataclass_fields__["adapter_path"].default
+    world = launched_world()
+    with holding(adapter_path, world):  # decided and trained under one lock
+        start = decide(adapter_path, bool(layered.get("resume")), layered.get("resume_from"))
+        args, config = resolve(given, file_settings, f"config file {config_file}", start.base_settings())
+        run(args, config, world=world, start=start)
 
 
 def _make_train_command():

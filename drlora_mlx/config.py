@@ -31,7 +31,7 @@ LR_SCHEDULES = ("linear", "cosine", "constant")
 # The router's full weights take larger steps than the LoRA factors at the same
 # learning rate; their default learning rate is this share of --learning-rate
 # (chosen by scripts/experiment.py's router ablation, see BENCHMARKS.md).
-ROUTER_LR_SCALE = 0.1
+ROUTER_LR_SCALE = 0.3
 
 
 class ConfigError(InputError):
@@ -204,6 +204,8 @@ class TrainingArgs:
                                              "export` PEFT adapter.")
     keep_checkpoints: int = _setting(2, "Checkpoints to keep (the newest).", at_least=1)
     skip_nonfinite: int = _setting(0, "Batches with a NaN/inf loss or gradient to skip before stopping.", at_least=0)
+    peer_timeout: int = _setting(600, "Data parallel: seconds without progress after which a process stops, its "
+                                      "peers presumed lost.", at_least=1)
 
     def __post_init__(self):
         _fill_model_defaults(self, builtin=self.model is None)

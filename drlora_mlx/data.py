@@ -9,6 +9,7 @@ iterator whose position can be saved and restored exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,8 +43,15 @@ def bundled_texts() -> list[str]:
 def read_jsonl(path: Path) -> list[dict]:
     """The JSON objects of a .jsonl file; a malformed line is a ``DataError``."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}, line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -124,6 +132,16 @@ def check_lengths(dataset, max_seq_length: int, name: str = "training") -> int:
             f"(the shortest has {min(lengths)}); raise --max-seq-length"
         )
     return longer
+
+
+def fingerprint(dataset) -> str:
+    """sha256 of every example's tokens and prompt offset: the data a run trains on, whatever its source."""
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        tokens, offset = dataset[i]
+        digest.update(np.asarray(tokens, np.int64).tobytes())
+        digest.update(np.int64(offset).tobytes())
+    return digest.hexdigest()
 
 
 class Batches:

@@ -9,12 +9,15 @@ the training code itself has no hooks.
 - ``DRLORA_MLX_FAULT_DIVERGE_RANK=1``: that data-parallel process grows one
   rank more than the others at the first growth event;
 - ``DRLORA_MLX_FAULT_SLOW_SAVE=3``: every checkpoint waits 3 s between being
-  written and being made visible.
+  written and being made visible;
+- ``DRLORA_MLX_FAULT_KILL_AT=25`` (with ``DRLORA_MLX_FAULT_KILL_RANK=1``): that
+  data-parallel process kills itself (SIGKILL) at the start of that iteration.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from contextlib import contextmanager
 
@@ -25,6 +28,8 @@ from . import checkpoint
 NAN_AT = "DRLORA_MLX_FAULT_NAN_AT"
 DIVERGE_RANK = "DRLORA_MLX_FAULT_DIVERGE_RANK"
 SLOW_SAVE = "DRLORA_MLX_FAULT_SLOW_SAVE"
+KILL_AT = "DRLORA_MLX_FAULT_KILL_AT"
+KILL_RANK = "DRLORA_MLX_FAULT_KILL_RANK"
 
 
 def _nan_at(trainer, iterations: set[int]) -> None:
@@ -42,6 +47,17 @@ def _nan_at(trainer, iterations: set[int]) -> None:
             module.lora_b = kept
 
     trainer._accumulate = poisoned
+
+
+def _kill_at(trainer, iteration: int, rank: int) -> None:
+    accumulate = trainer._accumulate
+
+    def killed(batch, lengths):
+        if trainer.iteration + 1 == iteration and trainer.rank == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return accumulate(batch, lengths)
+
+    trainer._accumulate = killed
 
 
 def _diverge(trainer, rank: int) -> None:
@@ -67,6 +83,8 @@ def installed(trainer, environ=None):
         _nan_at(trainer, iterations)
     if environ.get(DIVERGE_RANK, "").strip():
         _diverge(trainer, int(environ[DIVERGE_RANK]))
+    if environ.get(KILL_AT, "").strip():
+        _kill_at(trainer, int(environ[KILL_AT]), int(environ.get(KILL_RANK, "0") or 0))
     pause = float(environ.get(SLOW_SAVE, "0") or 0)
     publish = checkpoint._publish
     if pause:

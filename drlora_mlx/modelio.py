@@ -27,6 +27,8 @@ def load_base(model: str):
             raise ModelError(f"model {model!r} does not exist: give a local model folder or a Hugging Face id (org/name)")
     elif not (path / "config.json").exists():
         raise ModelError(f"{path} has no config.json: give a model folder in the Hugging Face / mlx-lm layout")
+    else:
+        _check_weights(path)
     try:
         return load(str(path) if path.exists() else model)
     except LocalEntryNotFoundError:
@@ -39,6 +41,26 @@ def load_base(model: str):
     except Exception as e:  # a broken or unsupported checkpoint: say so in one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"model {model!r} could not be loaded: {first}") from None
+
+
+def _check_weights(path: Path) -> None:
+    """A folder whose weight files are not all there (an interrupted download) is refused, naming one."""
+    import json
+
+    index = path / "model.safetensors.index.json"
+    expected = set()
+    if index.exists():
+        try:
+            expected = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError):
+            raise ModelError(f"{index} is not a valid weight index; if a download was interrupted, download it "
+                             "again") from None
+    missing = sorted(f for f in expected if not (path / f).exists())
+    if not expected and not list(path.glob("*.safetensors")):
+        missing = ["any *.safetensors weights"]
+    if missing:
+        raise ModelError(f"{path} lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                         + "; if a download was interrupted, download it again")
 
 
 def model_dir(model: str) -> Path:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import storage
+
 SHADES = " .:-=+*#%@"
 
 
@@ -72,8 +74,9 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with storage("metrics.jsonl", self.path.parent):
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def format_time(seconds: float) -> str:

@@ -80,8 +80,9 @@ def run_summary(drlora, result, steps_per_report: int) -> str:
     lines = [
         rank_heatmap(ranks, drlora.targets, drlora.n_experts, r_init, r_max, [l.index for l in drlora.layers]),
         "",
-        f"  {'train loss (last report)':<28}{np.mean(last):.3f}",
     ]
+    if last:  # (a resumed run that was complete trains nothing)
+        lines.append(f"  {'train loss (last report)':<28}{np.mean(last):.3f}")
     if result.val_losses:
         lines.append(f"  {'valid loss':<28}{result.val_losses[-1][1]:.3f}")
     if result.test_loss is not None:

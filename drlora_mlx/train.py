@@ -7,8 +7,14 @@ first use) on the bundled tasks, offline.
 
 from __future__ import annotations
 
-import signal
+import os
 import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,13 +25,16 @@ from . import checkpoint, faults
 from .adapters import save_adapter
 from .attach import attach
 from .config import DRLoRAConfig, TrainingArgs, run_settings
-from .data import bundled_data_dir, check_lengths, load_datasets
+from .checkpoint import CheckpointError
+from .data import bundled_data_dir, check_lengths, fingerprint, load_datasets
 from .errors import RunStopped
+from .files import StorageError
 from .export import import_peft
 from .memory import available_bytes, estimate_peak_bytes, memory_warning
 from .modelio import load_base
 from .progress import MetricsLog, Progress
 from .report import run_summary
+from .runlock import holding
 from .start import Start, decide
 from .tiny import BUILTIN_FAMILY, builtin_model_path
 from .trainer import Trainer, TrainResult
@@ -74,7 +83,24 @@ def _stop_on_signals(trainer: Trainer):
         yield received
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            if signal.getsignal(s) is handler:  # (a handler the run replaced on its way out stays)
+                signal.signal(s, h)
+
+
+class PeerLost(RunStopped):
+    """A data-parallel process is gone; the others stop instead of waiting for it."""
+
+    exit_code = 6
+
+    def __init__(self, who: str, iteration: int, last: str):
+        super().__init__(f"{who} is gone (its connection was lost after iteration {iteration}), so this run "
+                         f"stopped; {last} (with any number of processes)")
+
+
+def _peer_table(world) -> mx.array:
+    """(processes, 2): every process's id and a hash of its host name."""
+    me = mx.array([os.getpid(), zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF], dtype=mx.int32)
+    return mx.distributed.all_gather(me[None], group=world, stream=mx.cpu)
 
 
 class _Run:
@@ -100,6 +126,7 @@ class _Run:
             self.say(f"No --data given: using the bundled tasks ({self.data})")
         if self.world is not None:
             size = self.world.size()
+            self.peers = np.asarray(_peer_table(self.world))
             self.say(f"data-parallel over {size} processes: each takes {self.args.batch_size // size} of the "
                      f"{self.args.batch_size} examples of every batch")
 
@@ -121,6 +148,7 @@ class _Run:
         if truncated:
             self.say(f"warning: {truncated} training examples are longer than --max-seq-length "
                      f"{args.max_seq_length} and will be truncated")
+        self.data_sha256 = fingerprint(self.train_set)
 
     def prepare(self) -> None:
         """The trainer, what it will do, and the state it starts from."""
@@ -142,6 +170,12 @@ class _Run:
         if warning:
             self.say(warning)
         if self.start.kind == "resume":
+            recorded = self.start.meta.get("data_sha256")
+            if recorded is not None and recorded != self.data_sha256:
+                raise CheckpointError(
+                    f"the training data in {self.data} is not the data the checkpoint {self.start.source} was trained "
+                    "on (its examples changed); resume with the same data or train into a new --adapter-path"
+                )
             self.trainer.restore(self.start.arrays, self.start.meta)
             self.say(f"resuming from {self.start.source} at iteration {self.trainer.iteration} of {args.iters}")
         else:
@@ -158,21 +192,79 @@ class _Run:
         return save_adapter(self.drlora, self.adapter_path, self.model_name, training=training)
 
     def save(self, iteration: int) -> None:
-        """The adapter and a checkpoint of ``iteration``."""
+        """The adapter and a checkpoint of ``iteration``; a write the disk refuses ends the run with
+        one line, the newest complete checkpoint as it was."""
         arrays, meta = self.trainer.checkpoint_state()
         mx.eval(arrays)  # collectives are lazy: every process must evaluate its part
         if self.rank == 0:
-            self.save_adapter()
-            checkpoint.save(self.adapter_path, iteration, arrays,
-                            {**meta, "settings": run_settings(self.args, self.config)},
-                            keep=self.args.keep_checkpoints)
+            try:
+                self.save_adapter()
+                checkpoint.save(self.adapter_path, iteration, arrays,
+                                {**meta, "settings": run_settings(self.args, self.config),
+                                 "data_sha256": self.data_sha256},
+                                keep=self.args.keep_checkpoints)
+            except StorageError as e:
+                raise StorageError(f"{e}; {self._last_checkpoint()}") from None
         self.saved_at.append(iteration)
+
+    def _lost_peers(self) -> str:
+        """Which processes are gone: on this host, those whose process ended; else the ring neighbours."""
+        host, rank, size = self.peers[self.rank, 1], self.rank, self.world.size()
+        dead = [r for r, (pid, h) in enumerate(self.peers) if r != rank and h == host and not _alive(int(pid))]
+        if dead:
+            return "data-parallel process " + ", ".join(str(r) for r in dead)
+        neighbours = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
+        return "data-parallel process " + " or ".join(str(r) for r in neighbours)
+
+    @contextmanager
+    def _watchdog(self):
+        """In a data-parallel run, a process that waits in a collective for longer than --peer-timeout
+        seconds after the last finished iteration stops, saying so (a peer that hangs never closes its
+        connection)."""
+        if self.world is None:
+            yield
+            return
+        done = threading.Event()
+        seen = [self.trainer.iteration, time.monotonic()]
+
+        def watch():
+            while not done.wait(1.0):
+                if self.trainer.iteration != seen[0]:
+                    seen[:] = [self.trainer.iteration, time.monotonic()]
+                elif self.trainer.iteration > 0 and time.monotonic() - seen[1] > self.args.peer_timeout:
+                    print(f"drlora-mlx: error: no progress for {self.args.peer_timeout} s after iteration "
+                          f"{self.trainer.iteration}: {self._lost_peers()} stopped answering; "
+                          f"{self._last_checkpoint()}", file=sys.stderr, flush=True)
+                    os._exit(PeerLost.exit_code)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+
+    def _last_checkpoint(self) -> str:
+        done = checkpoint.complete(self.adapter_path)
+        if not done:
+            return "no checkpoint was written yet"
+        return (f"the newest complete checkpoint, {done[-1].name}, is intact: continue with drlora-mlx train "
+                f"--resume --adapter-path {self.adapter_path}")
 
     def train(self) -> TrainResult:
         """The loop, with checkpoints, signals and the faults the tests ask for."""
-        with faults.installed(self.trainer), _stop_on_signals(self.trainer) as received:
-            result = self.trainer.run(self.train_set, self.valid_set, on_save=self.save)
-            self.trainer.progress.close()
+        with faults.installed(self.trainer), _stop_on_signals(self.trainer) as received, self._watchdog():
+            try:
+                result = self.trainer.run(self.train_set, self.valid_set, on_save=self.save)
+            except RuntimeError as e:
+                if self.world is None or "[ring]" not in str(e) and "peer" not in str(e):
+                    raise
+                # mlx.launch stops the other processes with SIGTERM once one has died: this one is stopping
+                # anyway and says why.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                raise PeerLost(self._lost_peers(), self.trainer.iteration, self._last_checkpoint()) from None
+            finally:
+                self.trainer.progress.close()
             if result.interrupted:
                 if not self.saved_at or self.saved_at[-1] != self.trainer.iteration:
                     self.save(self.trainer.iteration)
@@ -205,19 +297,35 @@ class _Run:
                 )
 
 
+def launched_world():
+    """The data-parallel group this process was launched in (``mlx.launch``), or None."""
+    launched = mx.distributed.init()
+    return launched if launched.size() > 1 else None
+
+
 def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None, start: Start | None = None) -> TrainResult:
     """Train (or continue, with ``args.resume`` / ``args.resume_from``), save
     the adapter and checkpoints to ``args.adapter_path`` and print a summary.
-    ``start``: where the run starts, when the caller has decided it already."""
-    if world is None:
-        launched = mx.distributed.init()
-        world = launched if launched.size() > 1 else None
-    start = start or decide(args.adapter_path, args.resume, args.resume_from)
-    start.check(args, config)
-    job = _Run(args, config, world, out, start)
-    job.sources()
-    job.load()
-    job.prepare()
-    result = job.train()
-    job.finish(result)
+    ``start``: where the run starts, when the caller has decided it already.
+    The adapter folder is locked for the run: a second run into it is refused."""
+    world = world if world is not None else launched_world()
+    with holding(args.adapter_path, world):
+        start = start or decide(args.adapter_path, args.resume, args.resume_from)
+        start.check(args, config)
+        job = _Run(args, config, world, out, start)
+        job.sources()
+        job.load()
+        job.prepare()
+        result = job.train()
+        job.finish(result)
     return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -132,7 +132,7 @@ def arms(r_init: int, r_target: int, r_max: int) -> dict[str, Arm]:
         "importance_only": Arm(replace(drlora, saliency="importance")),
         "frozen_router": Arm(replace(drlora, train_router="never")),
         "global_allocation": Arm(replace(drlora, allocation="global")),
-        **{f"router_lr_{scale:g}": Arm(drlora, scale) for scale in (1.0, 0.3, 0.03, 0.01)},
+        **{f"router_lr_{scale:g}": Arm(drlora, scale) for scale in (1.0, 0.3, 0.1, 0.03, 0.01)},
     }
 
 

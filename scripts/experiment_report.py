@@ -11,13 +11,14 @@ from drlora_mlx.png import heatmap_png, line_chart_png
 ARM_LABELS = {
     "lora_r_target": "LoRA r_target (same budget)",
     "lora_r_max": "LoRA r_max (2x budget)",
-    "drlora": "DR-LoRA (router at 0.1 x lr)",
+    "drlora": "DR-LoRA",
     "frequency_only": "DR-LoRA, frequency-only saliency",
     "importance_only": "DR-LoRA, importance-only saliency",
     "frozen_router": "DR-LoRA, frozen router",
     "global_allocation": "DR-LoRA, global allocation",
     "router_lr_1": "DR-LoRA, router at 1 x lr",
     "router_lr_0.3": "DR-LoRA, router at 0.3 x lr",
+    "router_lr_0.1": "DR-LoRA, router at 0.1 x lr",
     "router_lr_0.03": "DR-LoRA, router at 0.03 x lr",
     "router_lr_0.01": "DR-LoRA, router at 0.01 x lr",
 }

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -121,3 +122,24 @@ def test_two_process_checkpoint_resumes_in_one_process(one_and_two, tmp_path):
     a, b = _adapter(root / "two"), _adapter(resumed)
     assert max(np.abs(a[k] - b[k]).max() for k in a) < 2e-4
     assert np.allclose(_losses(root / "two")[21:], _losses(resumed), rtol=1e-4, atol=1e-5)
+
+
+def test_a_killed_process_stops_the_others_in_one_line_and_the_run_resumes(one_and_two, tmp_path):
+    model, root, _ = one_and_two
+    out = tmp_path / "dp"
+    start = time.monotonic()
+    run = _run([*LAUNCH, *TRAIN, "--model", model, "--adapter-path", str(out), "--save-every", "10"],
+               env={"DRLORA_MLX_FAULT_KILL_AT": "25", "DRLORA_MLX_FAULT_KILL_RANK": "1"}, timeout=300)
+    assert time.monotonic() - start < 240  # bounded: nobody waits for the dead process
+    ours = [line for line in run.stderr.splitlines() if line.startswith("drlora-mlx: ")]
+    assert len(ours) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert ours[0].startswith("drlora-mlx: error: data-parallel process 1 is gone"), ours[0]
+    assert "step-0000020, is intact" in ours[0] and "exited with code 6" in run.stderr
+    assert [p.name for p in checkpoint.complete(out)][-1] == "step-0000020"
+    resumed = _run([*LAUNCH, "-m", "drlora_mlx", "train", "--resume", "--adapter-path", str(out)])
+    assert resumed.returncode == 0 and "exited with code" not in resumed.stderr, resumed.stderr[-2000:]
+    assert "at iteration 20 of 36" in resumed.stdout
+    want, got = _adapter(root / "two"), _adapter(out)  # the uninterrupted two-process run, bit for bit
+    assert want.keys() == got.keys()
+    for k in want:
+        assert np.array_equal(want[k], got[k]), k

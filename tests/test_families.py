@@ -19,7 +19,8 @@ from drlora_mlx.trainer import Trainer
 from .helpers import SHAPE, padded_batch
 
 TINY = sorted(n for n, f in FAMILIES.items() if f.tiny is not None)
-QUANTIZED = ["qwen3_5_moe", "gemma4", "glm4_moe_lite", "qwen3_next", "nemotron_h", "lfm2_moe", "mixtral"]
+# granitemoe's quantization uses groups of 64, more than the tiny model's expert size.
+QUANTIZED = [f for f in TINY if f != "granitemoe"]
 
 
 def _moe_layers(model) -> int:
@@ -77,7 +78,7 @@ def test_family_trains_on_a_4bit_base(tiny_models, family):
     drlora = attach(model, DRLoRAConfig(r_init=2, r_target=4, r_max=8), seed=0)
     assert type(drlora.layers[0].modules[0].linear).__name__ == "QuantizedSwitchLinear"
     assert "QuantizedLinear" not in [type(m).__mro__[1].__name__ for _, m in drlora.layers[0].router.named_modules()]
-    assert drlora.routing_signal == "weight", drlora.notes
+    assert drlora.routing_signal == ("count" if FAMILIES[family].weights is None else "weight"), drlora.notes
     result = _train(model, tokenizer, drlora)
     losses = [loss for _, loss in result.losses]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
