@@ -153,8 +153,10 @@ def _bad_inputs(tmp_path, model_path, dense_path):
                                          "iters must be int, got 'many'"),
         "invalid YAML": (["-c", str(_data(tmp_path, "yaml3", {"c.yaml": "a: [1, 2\n"}) / "c.yaml")],
                          "not valid YAML"),
-        "chat data, no chat template": (["--model", str(no_template), "--data", str(bundled_data_dir())],
-                                        "tokenizer has none; use {\"text\": ...} data"),
+        "chat data, no chat template": (["--model", str(no_template), "--data", str(_data(tmp_path, "chat", {
+            "train.jsonl": json.dumps({"messages": [{"role": "user", "content": "a"},
+                                                    {"role": "assistant", "content": "b"}]}) + "\n"}))],
+                                        "holds chat data"),
     }
     return cases
 
