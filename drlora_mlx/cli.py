@@ -207,6 +207,16 @@ def ranks(adapter_path, as_json, png_path):
 
 @cli.command()
 @click.option("--adapter-path", default="adapters", show_default=True, help="A drlora-mlx adapter directory.")
+@click.option("--out", default=None, help="The PNG to write (default: <adapter-path>/training.png).")
+def plot(adapter_path, out):
+    """Plot the training and validation loss and the mean rank over the steps of a run (its metrics.jsonl)."""
+    from .progress import plot_training
+
+    click.echo(f"wrote {plot_training(adapter_path, out)}")
+
+
+@cli.command()
+@click.option("--adapter-path", default="adapters", show_default=True, help="A drlora-mlx adapter directory.")
 @click.option("--out", required=True, help="Directory to write the exported adapter to.")
 @click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True,
               help="Export format: Hugging Face PEFT LoRA.")
