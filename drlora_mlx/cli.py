@@ -115,12 +115,32 @@ _PLAN_METHOD = ("r_init", "r_target", "r_max", "grow_every", "grow_fraction", "w
                 "targets", "allocation")
 
 
-def _plan(ctx: click.Context, layers: int, experts: int, at_steps: str | None, as_json: bool, **_):
+# What the memory of a run depends on besides the model and the ranks.
+_PLAN_MEMORY = ("batch_size", "max_seq_length", "grad_checkpoint")
+_PLAN_ROUTER = ("train_router",)
+
+
+def _plan(ctx: click.Context, layers: int | None, experts: int | None, model: str | None, at_steps: str | None,
+          as_json: bool, **_):
     given = _given(ctx)
+    if model is not None and (layers is not None or experts is not None):
+        raise InputError("give --model, or --layers and --experts, not both: the model sets its layers and experts")
+    if model is None and (layers is None or experts is None):
+        raise InputError("give --model (a model folder or Hugging Face id), or --layers and --experts")
+    if model is None and any(k in given for k in _PLAN_MEMORY):
+        raise InputError("--batch-size, --max-seq-length and --grad-checkpoint size the memory plan, which needs "
+                         "--model")
+    method = {k: v for k, v in given.items() if k in _PLAN_METHOD + _PLAN_ROUTER}
+    config = DRLoRAConfig(**method)
+    memory = None
+    if model is not None:
+        from .memory import memory_plan
+
+        args = TrainingArgs(model=model, **{k: v for k, v in given.items() if k in _PLAN_MEMORY + ("iters",)})
+        memory = memory_plan(model, config, args.batch_size, args.max_seq_length, args.grad_checkpoint)
+        layers, experts = memory["moe_layers"], memory["experts"]
     if layers < 1 or experts < 1:
         raise InputError("--layers and --experts must be at least 1")
-    method = {k: v for k, v in given.items() if k in _PLAN_METHOD}
-    config = DRLoRAConfig(**method)
     iters = given["iters"] // given.get("grad_accumulation_steps", 1)
     schedule = config.schedule(iters, len(config.targets) * experts)
     try:
@@ -134,7 +154,7 @@ def _plan(ctx: click.Context, layers: int, experts: int, at_steps: str | None, a
     summary["layers"] = layers
     summary["total_budget"] = schedule.budget * layers
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps({**summary, **(memory or {})}))
         return
     click.echo(
         f"T={iters} optimizer steps, {layers} layers x {schedule.n_modules} modules, "
@@ -156,19 +176,64 @@ def _plan(ctx: click.Context, layers: int, experts: int, at_steps: str | None, a
     click.echo("step      mean rank (as the allocator delivers it)")
     for s, r in summary["mean_rank"].items():
         click.echo(f"{int(s):>8}  {r:>9.2f}")
+    if memory is not None:
+        _print_memory(memory, config)
+
+
+def _print_memory(m: dict, config: DRLoRAConfig) -> None:
+    """The memory part of ``plan --model``."""
+    r_init, r_target, r_max = config.ranks
+    q = m["quantization"]
+    weights = f"{q['bits']}-bit (group {q['group_size']}{', ' + q['mode'] if 'mode' in q else ''})" if q else (
+        m["dtype"] or "bfloat16 (config.json names no dtype)")
+    masked, pooled = m["layouts"]["masked"], m["layouts"]["pooled"]
+    router = {"never": "frozen", "always": "trains"}.get(config.train_router, "trains after warm-up")
+
+    def row(label: str, n: int, note: str = "") -> None:
+        click.echo(f"  {label:<30}{n / 1e9:>8.2f} GB" + (f"   {note}" if note else ""))
+
+    click.echo(f"model: {m['family']}, {m['moe_layers']} MoE layers x {m['experts']} experts (top-{m['top_k']}), "
+               f"hidden {m['hidden']}, expert dim {m['expert_dim']}, {weights} weights")
+    click.echo(f"memory at batch {m['batch_size']} x {m['max_seq_length']} tokens, "
+               f"{'with' if m['grad_checkpoint'] else 'without'} gradient checkpointing, {m['lora_layout']} layout:")
+    row("base weights", m["base_weight_bytes"])
+    row("expert LoRA state", m["lora_state_bytes"],
+        f"uniform LoRA at r_target {r_target}: {m['uniform_lora_state_bytes'] / 1e9:.2f} GB")
+    if m["gathered_factor_bytes"]:
+        row("gathered LoRA factors", m["gathered_factor_bytes"], f"one layer at r_max {r_max}, with their gradient")
+    row(f"router ({router})", m["router_state_bytes"])
+    row("activations and logits", m["activation_bytes"])
+    row("peak", m["peak_bytes"])
+    click.echo(f"  layouts: pooled {pooled['peak_bytes'] / 1e9:.2f} GB peak; masked "
+               f"{masked['peak_bytes'] / 1e9:.2f} GB peak, its expert LoRA state "
+               f"{masked['lora_state_bytes'] / 1e9:.2f} GB at r_max {r_max}")
+    click.echo(f"this machine can give {m['available_bytes'] / 1e9:.1f} GB: the run "
+               + ("fits" if m["fits"] else "does not fit"))
+    largest = m["largest_r_max"]
+    click.echo("largest r_max that fits, masked layout: "
+               + (str(largest) if largest >= r_target else f"none (r_max must be at least r_target {r_target})"))
+    fitting = m["largest_r_target"]
+    fitting = f"{fitting}, with --r-init below it" if 0 < fitting <= r_init else str(fitting or "none")
+    click.echo(f"the pooled layout's LoRA state follows r_target, not r_max: largest r_target that fits at r_max "
+               f"{r_max}: {fitting}")
+    if m["warning"]:
+        click.echo(m["warning"])
 
 
 def _make_plan_command():
     params = [
-        click.Option(["--layers"], type=int, required=True, help="MoE layers."),
-        click.Option(["--experts"], type=int, required=True, help="Routed experts per layer."),
-        *_options(TrainingArgs, only=("iters", "grad_accumulation_steps"), required=("iters",)),
-        *_options(DRLoRAConfig, only=_PLAN_METHOD),
+        click.Option(["--model"], type=str, default=None,
+                     help="Model folder or Hugging Face id: also plan the memory of a run (only config.json is read)."),
+        click.Option(["--layers"], type=int, default=None, help="MoE layers (without --model)."),
+        click.Option(["--experts"], type=int, default=None, help="Routed experts per layer (without --model)."),
+        *_options(TrainingArgs, only=("iters", "grad_accumulation_steps") + _PLAN_MEMORY, required=("iters",)),
+        *_options(DRLoRAConfig, only=_PLAN_METHOD + _PLAN_ROUTER),
         click.Option(["--at", "at_steps"], type=str, default=None, help="Comma list of steps to report the mean rank at."),
         click.Option(["--json", "as_json"], is_flag=True, help="Print one JSON object."),
     ]
     return click.Command("plan", callback=click.pass_context(_plan), params=params,
-                         help="Print the growth plan of a configuration, without any model.")
+                         help="Print the growth plan of a configuration; with --model, also the memory a run needs "
+                              "and whether it fits this machine (no weights are read).")
 
 
 cli.add_command(_make_plan_command())

@@ -4,12 +4,14 @@ One process, one model, the same batches: mlx-lm's LoRA on the routed experts'
 up/down projections at r_max, r_target and r_init (its trainer's compiled
 step, rebuilt here from mlx-lm's parts), drlora-mlx's uniform LoRA, and
 DR-LoRA growing from r_init to r_target within r_max with growth events inside
-the measured window. Float and 4-bit bases. Prints a table and the ratios to
-mlx-lm; ``--json`` ends with one JSON object.
+the measured window. Float and 4-bit bases. Prints a table, the ratios to
+mlx-lm and each variant's LoRA state (trainable values, their gradients and
+two AdamW moments) as a share of its peak; ``--json`` ends with one JSON object.
 
-    python scripts/bench.py --quick          # < 3 minutes on 2 CPU cores
-    python scripts/bench.py                  # the larger default shape
-    python scripts/bench.py --shape olmoe    # OLMoE-1B-7B shaped (a GPU machine)
+    python scripts/bench.py --quick                # < 3 minutes on 2 CPU cores
+    python scripts/bench.py                        # the larger default shape
+    python scripts/bench.py --shape many-experts   # 128 small experts, 4-bit: the LoRA state dominates
+    python scripts/bench.py --shape olmoe          # OLMoE-1B-7B shaped (a GPU machine)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm import load as mlx_lm_load  # noqa: E402
 from mlx_lm.tuner.trainer import default_loss  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
@@ -44,10 +47,16 @@ from drlora_mlx.tiny import TinyShape, tiny_model_path  # noqa: E402
 from drlora_mlx.trainer import Trainer  # noqa: E402
 
 SHAPES = {
-    # hidden, layers, experts, top-k, expert dim; batch x sequence
-    "quick": (TinyShape(hidden=256, layers=2, experts=16, top_k=4, expert_dim=256, heads=4, kv_heads=2, vocab=1024), 2, 128),
-    "default": (TinyShape(hidden=384, layers=4, experts=32, top_k=4, expert_dim=256, heads=6, kv_heads=2, vocab=1024), 2, 256),
-    "olmoe": (TinyShape(hidden=2048, layers=16, experts=64, top_k=8, expert_dim=1024, heads=16, kv_heads=16, vocab=1024), 4, 512),
+    # hidden, layers, experts, top-k, expert dim; batch x sequence; bases (None: float, else bits)
+    "quick": (TinyShape(hidden=256, layers=2, experts=16, top_k=4, expert_dim=256, heads=4, kv_heads=2, vocab=1024),
+              2, 128, (None, 4)),
+    "default": (TinyShape(hidden=384, layers=4, experts=32, top_k=4, expert_dim=256, heads=6, kv_heads=2, vocab=1024),
+                2, 256, (None, 4)),
+    # Many small experts on a 4-bit base: the LoRA state, not the weights or activations, is most of the peak.
+    "many-experts": (TinyShape(hidden=256, layers=4, experts=128, top_k=4, expert_dim=256, heads=4, kv_heads=2,
+                               vocab=1024), 2, 64, (4,)),
+    "olmoe": (TinyShape(hidden=2048, layers=16, experts=64, top_k=8, expert_dim=1024, heads=16, kv_heads=16,
+                        vocab=1024), 4, 512, (None, 4)),
 }
 RANKS = (8, 16, 32)  # r_init, r_target, r_max
 LR = 1e-4
@@ -87,7 +96,7 @@ def mlx_lm_step(model_path, rank):
         return None
 
     model.train()
-    return run
+    return run, model
 
 
 def drlora_step(model_path, config, iters, batch_size):
@@ -104,26 +113,32 @@ def drlora_step(model_path, config, iters, batch_size):
 
 
 def variant_names(quick):
-    names = ["mlx_lm_rmax", "mlx_lm_rinit", "drlora_uniform_rmax", "drlora"]
-    return names if quick else names[:2] + ["mlx_lm_rtarget", "drlora_uniform_rtarget"] + names[2:]
+    names = ["mlx_lm_rmax", "mlx_lm_rtarget", "mlx_lm_rinit", "drlora_uniform_rmax", "drlora"]
+    return names if quick else names[:3] + ["drlora_uniform_rtarget"] + names[3:]
 
 
 def make_variant(name, model_path, batch, rounds):
-    """(step function, trainer or None) of one variant. DR-LoRA spends a third
-    of its rounds in warm-up (all ranks at r_init), then grows every 2 steps
-    through every width."""
+    """(step function, model, trainer or None) of one variant. DR-LoRA spends a
+    third of its rounds in warm-up (all ranks at r_init), then grows every 2
+    steps through every width."""
     r_init, r_target, r_max = RANKS
     if name.startswith("mlx_lm_"):
         rank = {"rmax": r_max, "rtarget": r_target, "rinit": r_init}[name.rsplit("_", 1)[1]]
-        return mlx_lm_step(model_path, rank), None
+        return (*mlx_lm_step(model_path, rank), None)
     if name.startswith("drlora_uniform_"):
         rank = {"rmax": r_max, "rtarget": r_target}[name.rsplit("_", 1)[1]]
-        return drlora_step(model_path, DRLoRAConfig(method="lora", lora_rank=rank, train_router="never"),
-                           rounds, batch)
-    # grow_fraction 0.5: a module can reach r_max in two events, so a short run crosses every width.
-    config = DRLoRAConfig(r_init=r_init, r_target=r_target, r_max=r_max, grow_every=2, growth_buffer=2,
-                          warmup_ratio=1 / 3, grow_fraction=0.5, train_router="never")
-    return drlora_step(model_path, config, rounds, batch)
+        config = DRLoRAConfig(method="lora", lora_rank=rank, train_router="never")
+    else:
+        # grow_fraction 0.5: a module can reach r_max in two events, so a short run crosses every width.
+        config = DRLoRAConfig(r_init=r_init, r_target=r_target, r_max=r_max, grow_every=2, growth_buffer=2,
+                              warmup_ratio=1 / 3, grow_fraction=0.5, train_router="never")
+    step, trainer = drlora_step(model_path, config, rounds, batch)
+    return step, trainer.model, trainer
+
+
+def lora_state(model):
+    """Bytes of the trainable values with their gradients and two AdamW moments."""
+    return 4 * sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
 
 
 def median(xs):
@@ -138,10 +153,10 @@ def run_base(model_path, shape, batch, seq, n_measure, warmup, quick):
     rounds = warmup + 3 * n_measure
     data = batches(rounds, batch, seq, shape.vocab)
     names = variant_names(quick)
-    peaks = {}
+    peaks, states = {}, {}
     for name in names:
         _fresh()
-        step, made = make_variant(name, model_path, batch, rounds)
+        step, model, made = make_variant(name, model_path, batch, rounds)
         if made is not None and name == "drlora":  # its peak is at the widest LoRA product
             ranks = made.drlora.ranks()
             ranks[:, 0] = r_max
@@ -149,11 +164,12 @@ def run_base(model_path, shape, batch, seq, n_measure, warmup, quick):
         for b, l in data[:2]:
             step(b, l)
         peaks[name] = mx.get_peak_memory()
-        del step, made
+        states[name] = lora_state(model)
+        del step, model, made
     _fresh()
     steps, trainer = {}, None
     for name in names:
-        steps[name], made = make_variant(name, model_path, batch, rounds)
+        steps[name], _, made = make_variant(name, model_path, batch, rounds)
         if name == "drlora":
             trainer = made
     times = {name: {} for name in steps}  # name -> round -> seconds
@@ -177,15 +193,13 @@ def run_base(model_path, shape, batch, seq, n_measure, warmup, quick):
         """Median over rounds of the ratio of two variants' steps in the same round."""
         return median([times[name][i] / times[ref][i] for i in rounds if i in times[name] and i in times[ref]])
 
-    out = {name: {"step": median(list(times[name].values())), "peak": peaks[name]}
+    out = {name: {"step": median(list(times[name].values())), "peak": peaks[name], "state": states[name]}
            for name in names if name != "drlora"}
     for name in names:
         if name.startswith("drlora_uniform_"):
             out[name]["ratio"] = paired(name, name.replace("drlora_uniform", "mlx_lm"), range(warmup, rounds))
-    for name in ("mlx_lm_rinit", "mlx_lm_rtarget"):
-        if name in out:
-            out[name]["ratio"] = 1.0
-    out["mlx_lm_rmax"]["ratio"] = 1.0
+    for name in ("mlx_lm_rmax", "mlx_lm_rtarget", "mlx_lm_rinit"):
+        out[name]["ratio"] = 1.0
     # Steps that traced a new width are compile time, reported as traces.
     measured = [r for r in rows if r["i"] >= warmup and not r["traced"]]
     first_event = next(r["i"] for r in rows if r["event"])
@@ -203,6 +217,7 @@ def run_base(model_path, shape, batch, seq, n_measure, warmup, quick):
         "statistics_overhead": paired("drlora", "drlora_uniform_rmax", at_rmax) - 1,
         "rounds": {"early": len(early), "at_rmax_width": len(at_rmax), "growing": len(growing)},
         "peak": peaks["drlora"],
+        "state": states["drlora"],
         "traces": trainer.traces,
         "widths": sorted({max(w) for _, w in trainer.steps}),
         "events": len(events),
@@ -213,6 +228,26 @@ def run_base(model_path, shape, batch, seq, n_measure, warmup, quick):
     return out
 
 
+def base_summary(r, tokens):
+    """The ratios of one base (float or 4-bit) for the JSON summary."""
+    d = r["drlora"]
+    return {
+        "step_ratio_vs_mlx_lm_rmax": d["rmax_ratio_vs_rmax"],
+        "growth_window_ratio_vs_mlx_lm_rmax": d["growth_ratio_vs_rmax"],
+        "early_step_ratio_vs_mlx_lm_rinit": d["early_ratio_vs_rinit"],
+        "peak_memory_ratio_vs_mlx_lm_rmax": d["peak"] / r["mlx_lm_rmax"]["peak"],
+        "peak_memory_ratio_vs_mlx_lm_rtarget": d["peak"] / r["mlx_lm_rtarget"]["peak"],
+        "lora_state_share_of_peak": d["state"] / d["peak"],
+        "mlx_lm_rtarget_lora_state_share_of_peak": r["mlx_lm_rtarget"]["state"] / r["mlx_lm_rtarget"]["peak"],
+        "traces": d["traces"],
+        "growth_event_share_of_run": d["event_seconds"] * d["events"] / d["run_seconds"],
+        "statistics_overhead": d["statistics_overhead"],
+        "uniform_lora_ratio_vs_mlx_lm_rmax": r["drlora_uniform_rmax"]["ratio"],
+        "mlx_lm_rmax_tokens_per_second": tokens / r["mlx_lm_rmax"]["step"],
+        "drlora_tokens_per_second": tokens / d["step_at_rmax_width"],
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shape, few steps (< 3 minutes on 2 CPU cores)")
@@ -221,22 +256,25 @@ def main():
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     args = parser.parse_args()
     shape_name = args.shape or ("quick" if args.quick else "default")
-    shape, batch, seq = SHAPES[shape_name]
-    n_measure = args.steps or (6 if args.quick else 10)
-    warmup = 2 if args.quick else 3
+    shape, batch, seq, bases = SHAPES[shape_name]
+    few = args.quick or shape_name == "many-experts"  # a 1-3 minute run, like --quick
+    n_measure = args.steps or (6 if few else 10)
+    warmup = 2 if few else 3
     print(f"device {mx.default_device()}, {platform.machine()} {platform.system()}, shape {shape_name}: {shape}, "
           f"batch {batch} x {seq}, ranks r_init/r_target/r_max {RANKS}", flush=True)
     results = {}
-    for bits in (None, 4):
+    for bits in bases:
         path = str(tiny_model_path("qwen3_moe", shape, quantize_bits=bits))
         label = "4bit" if bits else "float"
         tic = time.perf_counter()
-        results[label] = run_base(path, shape, batch, seq, n_measure, warmup, args.quick)
+        results[label] = run_base(path, shape, batch, seq, n_measure, warmup, few)
         print(f"  {label}: measured in {time.perf_counter() - tic:.0f} s", flush=True)
 
     print()
-    print("step time: median over rounds; ratio: median over rounds of the paired ratio to mlx-lm in the same round")
-    print(f"{'base':<6} {'variant':<34} {'step ms':>9} {'ratio':>8} {'peak MB':>9} {'ratio':>8}")
+    print("step time: median over rounds; ratio: median over rounds of the paired ratio to mlx-lm in the same round;")
+    print("LoRA state: trainable values, gradients and two AdamW moments, and their share of the variant's peak")
+    print(f"{'base':<6} {'variant':<34} {'step ms':>9} {'ratio':>8} {'peak MB':>9} {'ratio':>8} {'state MB':>9} "
+          f"{'share':>6}")
     for label, r in results.items():
         ref = r["mlx_lm_rmax"]
         for name, ref_name in (("mlx_lm_rmax", "mlx_lm_rmax"), ("mlx_lm_rtarget", "mlx_lm_rtarget"),
@@ -245,39 +283,26 @@ def main():
             if name in r:
                 v = r[name]
                 print(f"{label:<6} {name:<34} {v['step'] * 1e3:>9.1f} {v['ratio']:>7.3f}x "
-                      f"{v['peak'] / 1e6:>9.1f} {v['peak'] / r[ref_name]['peak']:>7.3f}x")
+                      f"{v['peak'] / 1e6:>9.1f} {v['peak'] / r[ref_name]['peak']:>7.3f}x "
+                      f"{v['state'] / 1e6:>9.1f} {100 * v['state'] / v['peak']:>5.1f}%")
         d = r["drlora"]
         print(f"{label:<6} {'DR-LoRA early (all at r_init)':<34} {d['step_early'] * 1e3:>9.1f} "
               f"{d['early_ratio_vs_rinit']:>7.3f}x {'':>9} (vs mlx-lm at r_init)")
         print(f"{label:<6} {'DR-LoRA growth window':<34} {d['step_growth_window'] * 1e3:>9.1f} "
               f"{d['growth_ratio_vs_rmax']:>7.3f}x")
         print(f"{label:<6} {'DR-LoRA at r_max width':<34} {d['step_at_rmax_width'] * 1e3:>9.1f} "
-              f"{d['rmax_ratio_vs_rmax']:>7.3f}x {d['peak'] / 1e6:>9.1f} {d['peak'] / ref['peak']:>7.3f}x")
+              f"{d['rmax_ratio_vs_rmax']:>7.3f}x {d['peak'] / 1e6:>9.1f} {d['peak'] / ref['peak']:>7.3f}x "
+              f"{d['state'] / 1e6:>9.1f} {100 * d['state'] / d['peak']:>5.1f}%")
+        print(f"{label:<6}   peak vs mlx-lm at r_target: {d['peak'] / r['mlx_lm_rtarget']['peak']:.3f}x")
         print(f"{label:<6}   rounds {d['rounds']}; traces {d['traces']} (widths {d['widths']}); "
               f"{d['events']} growth events, median {d['event_seconds'] * 1e3:.1f} ms = "
               f"{100 * d['event_seconds'] * d['events'] / d['run_seconds']:.2f}% of the run; "
               f"statistics overhead at r_max width {100 * d['statistics_overhead']:+.1f}%; "
               f"final mean rank {d['final_mean_rank']:.2f}")
-    f, q = results["float"], results["4bit"]
-    summary = {
-        "shape": shape_name,
-        "device": str(mx.default_device()),
-        "step_ratio_vs_mlx_lm_rmax": f["drlora"]["rmax_ratio_vs_rmax"],
-        "step_ratio_vs_mlx_lm_rmax_4bit": q["drlora"]["rmax_ratio_vs_rmax"],
-        "growth_window_ratio_vs_mlx_lm_rmax": f["drlora"]["growth_ratio_vs_rmax"],
-        "early_step_ratio_vs_mlx_lm_rinit": f["drlora"]["early_ratio_vs_rinit"],
-        "early_step_ratio_vs_mlx_lm_rinit_4bit": q["drlora"]["early_ratio_vs_rinit"],
-        "peak_memory_ratio_vs_mlx_lm_rmax": f["drlora"]["peak"] / f["mlx_lm_rmax"]["peak"],
-        "peak_memory_ratio_vs_mlx_lm_rmax_4bit": q["drlora"]["peak"] / q["mlx_lm_rmax"]["peak"],
-        "traces": f["drlora"]["traces"],
-        "traces_4bit": q["drlora"]["traces"],
-        "growth_event_share_of_run": f["drlora"]["event_seconds"] * f["drlora"]["events"] / f["drlora"]["run_seconds"],
-        "statistics_overhead": f["drlora"]["statistics_overhead"],
-        "uniform_lora_ratio_vs_mlx_lm_rmax": f["drlora_uniform_rmax"]["ratio"],
-        "tokens_per_step": batch * seq,
-        "mlx_lm_rmax_tokens_per_second": batch * seq / f["mlx_lm_rmax"]["step"],
-        "drlora_tokens_per_second": batch * seq / f["drlora"]["step_at_rmax_width"],
-    }
+    summary = {"shape": shape_name, "device": str(mx.default_device()), "tokens_per_step": batch * seq}
+    for label, r in results.items():
+        suffix = "_4bit" if label == "4bit" else ""
+        summary.update({key + suffix: value for key, value in base_summary(r, batch * seq).items()})
     if args.json:
         print(json.dumps(summary))
 
