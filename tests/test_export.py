@@ -421,3 +421,52 @@ def test_fuse_gives_the_adapters_logits_for_every_family(synthetic, tmp_path, ca
         assert np.abs(theirs(tmp_path / "fused") - want).max() < TOL
     else:
         assert "read by mlx-lm only" in out
+
+
+def test_peft_builds_the_exported_per_parameter_ranks_despite_its_warning(tiny_models, tmp_path):
+    """PEFT applies rank_pattern to expert *parameters* (target_parameters) but checks the keys only
+    against targeted *modules*, so it warns that they were ignored. They are not: the ranks PEFT builds
+    are the exported ones, and the logits are drlora-mlx's (the README says so)."""
+    import warnings
+
+    from peft.tuners.lora.layer import ParamWrapper
+
+    model_path = tiny_models("qwen3_moe", shape=SHAPE, layout="hf")
+    model, _ = mlx_lm_load(str(model_path))
+    drlora = attach(model, DRLoRAConfig(r_init=2, r_target=4, r_max=8), seed=0)
+    E = drlora.n_experts
+    # Per layer, the largest up / down rank: the rank of the fused parameter that holds it.
+    largest = [(5, 3), (8, 8), (6, 2)]
+    ranks = np.full((drlora.n_layers, drlora.n_modules), 2)
+    for l, (up, down) in enumerate(largest):
+        ranks[l, 1], ranks[l, E + 2] = up, down
+    drlora.set_ranks(ranks)
+    randomize_b(drlora, seed=3, std=0.3)
+    adapter = tmp_path / "adapter"
+    save_adapter(drlora, adapter, str(model_path))
+    export_peft(adapter, tmp_path / "peft", "fused")
+    config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
+    assert config["r"] == 8
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / "peft"))
+    built = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, ParamWrapper):
+            layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
+            built[layer, module.parameter_name] = (module.r["default"], tuple(module.lora_A["default"].weight.shape))
+    dims = {"gate_up_proj": SHAPE.hidden, "down_proj": SHAPE.expert_dim}
+    want = {}
+    for l, (up, down) in enumerate(largest):
+        want[l, "gate_up_proj"] = (up, (up * E, dims["gate_up_proj"]))
+        want[l, "down_proj"] = (down, (down * E, dims["down_proj"]))
+    assert built == want
+    # The warning names exactly the parameter keys below r, each of which was applied above.
+    ignored = [str(w.message) for w in caught if "did not match any targeted module" in str(w.message)]
+    named = set(re.findall(r"'([^']+)'", " ".join(m for m in ignored if m.startswith("The following rank_pattern"))))
+    assert named == {k for k in config["rank_pattern"] if k in config["target_parameters"]} != set()
+    with torch.no_grad():
+        theirs_logits = peft_model.eval()(torch.tensor(TOKENS)).logits.numpy()
+    assert np.abs(theirs_logits - ours(model_path, adapter)).max() < TOL
