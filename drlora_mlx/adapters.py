@@ -88,9 +88,11 @@ def mlx_lm_adapter(drlora: DRLoRA) -> tuple[dict, dict[str, mx.array], bool]:
             weights[f"{path}.lora_a"] = _pad(delta.T / scale, 1, rank)
             weights[f"{path}.lora_b"] = _pad(eye, 0, rank)
             keys.add(_relative(drlora, path)[1])
+    layers = drlora.config.num_layers
     config = {
         "fine_tune_type": "lora",
-        "num_layers": len(drlora.layer_paths),
+        # mlx-lm applies the keys to the last num_layers decoder layers, as they were adapted here.
+        "num_layers": len(drlora.layer_paths) if layers == -1 else layers,
         "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": sorted(keys)},
     }
     return config, weights, router_included

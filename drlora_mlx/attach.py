@@ -3,8 +3,9 @@
 ``attach(model, config)`` finds every MoE block by type (``SwitchGLU`` /
 ``SwitchMLP``), replaces the target expert projections with
 ``MaskedLoRASwitchLinear``, swaps the experts and the router for observing
-subclasses (see ``routing``), optionally adds fixed-rank LoRA to shared experts
-and attention, and freezes everything else. It returns the ``DRLoRA`` handle
+subclasses (see ``routing``), optionally adds fixed-rank LoRA to shared experts,
+attention and the linear modules named by ``lora_keys``, and freezes everything
+else. With ``num_layers`` N only the last N decoder layers are adapted. It returns the ``DRLoRA`` handle
 that the trainer, the growth events and the savers use.
 """
 
@@ -15,7 +16,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
 from mlx_lm.tuner.lora import LoRALinear
 
-from .config import DRLoRAConfig
+from .config import ConfigError, DRLoRAConfig
 from .drlora import DRLoRA, MoELayer, RoutingState
 from .families import UnsupportedModelError, lookup
 from .masked_lora import MaskedLoRASwitchLinear, dequantized_weight
@@ -70,12 +71,21 @@ def _block_of(layer: nn.Module, experts_path: str, router_attr: str) -> str:
     return None
 
 
+def _adapted(drlora: DRLoRA) -> list[tuple[int, str, nn.Module]]:
+    """(index, path, layer) of the decoder layers ``num_layers`` adapts: the last N, or all."""
+    n, total = drlora.config.num_layers, len(drlora.layer_paths)
+    if n > total:
+        raise ConfigError(f"num_layers {n}: the model has {total} decoder layers; give at most {total}, or -1 for all")
+    first = 0 if n == -1 else total - n
+    return [(i, drlora.layer_paths[i], drlora.model.layers[i]) for i in range(first, total)]
+
+
 def _find_layers(drlora: DRLoRA) -> None:
-    """Every MoE block: its experts (found by type) and its router (by the family's table)."""
+    """Every MoE block of the adapted layers: its experts (found by type) and its router (by the family's table)."""
     model, family = drlora.model, drlora.family
     paths = {id(m): p for p, m in model.named_modules()}
     drlora.layer_paths = [paths[id(layer)] for layer in model.layers]
-    for i, (layer_path, layer) in enumerate(zip(drlora.layer_paths, model.layers)):
+    for i, layer_path, layer in _adapted(drlora):
         for path, experts in layer.named_modules():
             if not isinstance(experts, (SwitchGLU, SwitchMLP)):
                 continue
@@ -90,6 +100,9 @@ def _find_layers(drlora: DRLoRA) -> None:
             experts_name = path[len(block_path) + 1:] if block_path else path
             drlora.layers.append(MoELayer(i, full, block, experts, experts_name, block[family.router],
                                           f"{full}.{family.router}", layer))
+    if not drlora.layers and drlora.config.num_layers != -1:
+        raise ConfigError(f"num_layers {drlora.config.num_layers}: none of the last {drlora.config.num_layers} "
+                          "decoder layers is an MoE layer; give a larger num_layers, or -1 for all")
     if not drlora.layers:
         raise UnsupportedModelError(
             f"{drlora.family_name}: no MoE expert layers (SwitchGLU / SwitchMLP) found; drlora-mlx adapts MoE "
@@ -146,7 +159,7 @@ _ATTENTION_PROJECTIONS = ("q_proj", "q_a_proj", "query_key_value", "qkv_proj", "
 
 def _attention_modules(drlora: DRLoRA):
     """(path, module) of every attention module the family keeps at one of its attention attributes."""
-    for layer_path, layer in zip(drlora.layer_paths, drlora.model.layers):
+    for _, layer_path, layer in _adapted(drlora):
         for attr in drlora.family.attention:
             found = getattr(layer, attr, None)
             # LongCat keeps two attention modules per layer, in a list.
@@ -178,6 +191,53 @@ def _adapt_fixed_rank(drlora: DRLoRA) -> None:
         for path, module in found:
             for sub, lora in _lora_linears(module, config.attention_rank, config.scale):
                 drlora.extra_loras.append((f"{path}.{sub}", lora))
+
+
+def _in_router(path: str, routers: tuple[str, ...]) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in routers)
+
+
+def _key_names(layer: nn.Module, layer_path: str, routers: tuple[str, ...]) -> list[str]:
+    """The paths in ``layer`` that lora_keys can name: its linear modules, less routers and adapted ones."""
+    modules = dict(layer.named_modules())
+    return sorted(p for p, m in modules.items()
+                  if type(m) in (nn.Linear, nn.QuantizedLinear) and not _in_router(f"{layer_path}.{p}", routers)
+                  and not isinstance(modules.get(p.rpartition(".")[0]), LoRALinear))
+
+
+def _adapt_keys(drlora: DRLoRA) -> None:
+    """Fixed-rank LoRA at lora_rank on the linear modules ``lora_keys`` names, in every adapted
+    decoder layer that has them (as mlx-lm's ``lora_parameters.keys``)."""
+    config = drlora.config
+    if not config.lora_keys:
+        return
+    layers = _adapted(drlora)
+    routers = tuple(layer.router_path for layer in drlora.layers)
+    valid = _key_names(layers[-1][2], layers[-1][1], routers)
+    for key in config.lora_keys:
+        found = 0
+        for _, layer_path, layer in layers:
+            try:
+                module = module_at(layer, key)
+            except (KeyError, IndexError, ValueError, TypeError):
+                continue
+            full = f"{layer_path}.{key}"
+            if _in_router(full, routers):
+                raise ConfigError(f"lora_keys: {key} is the MoE router, whose full weights train (see "
+                                  "train_router); leave it out of the keys")
+            if isinstance(module, LoRALinear):
+                raise ConfigError(f"lora_keys: {key} is adapted already (attention_rank or shared_expert_rank); "
+                                  "name it in one place only")
+            if type(module) not in (nn.Linear, nn.QuantizedLinear):
+                raise ConfigError(f"lora_keys: {key} is a {type(module).__name__}, not a linear layer (expert "
+                                  f"projections are chosen with targets); linear modules: {', '.join(valid[:6])}")
+            lora = LoRALinear.from_base(module, r=config.lora_rank, scale=config.scale)
+            replace_module(layer, key, lora)
+            drlora.extra_loras.append((full, lora))
+            found += 1
+        if not found:
+            raise ConfigError(f"lora_keys: {key!r} matches no module of the adapted decoder layers; their linear "
+                              f"modules include {', '.join(valid[:6])}")
 
 
 def _rule_holds(drlora: DRLoRA) -> str:
@@ -247,6 +307,7 @@ def attach(model: nn.Module, config: DRLoRAConfig | None = None, seed: int | Non
     if len({m.num_experts for _, m in drlora.expert_modules()}) != 1:
         raise UnsupportedModelError(f"{family_name}: MoE layers with different expert counts are not supported")
     _adapt_fixed_rank(drlora)
+    _adapt_keys(drlora)
     _observe_routing(drlora)
     drlora.set_router_trainable(config.train_router == "always")
     drlora.fit_width(config.ranks.r_init)

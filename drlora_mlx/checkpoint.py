@@ -32,7 +32,8 @@ META = "trainer.json"
 # Settings that must match for a run to continue exactly. Reporting, saving
 # and memory-only settings (grad_checkpoint) may change on resume.
 FIXED_TRAINING = ("model", "data", "iters", "batch_size", "learning_rate", "router_learning_rate", "lr_schedule",
-                  "weight_decay", "max_seq_length", "grad_accumulation_steps", "mask_prompt", "seed")
+                  "optimizer", "optimizer_config", "weight_decay", "max_seq_length", "grad_accumulation_steps",
+                  "mask_prompt", "seed")
 
 
 class CheckpointError(InputError):

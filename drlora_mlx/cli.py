@@ -46,10 +46,11 @@ def _click_type(f):
 
 
 def _options(dataclass_type, only=None, required=()):
-    """One click option per field (``only``: these fields), with the field's help text."""
+    """One click option per field (``only``: these fields), with the field's help text; mappings
+    (optimizer_config, hf_dataset) are YAML only, as in mlx_lm.lora."""
     opts = []
     for f in fields(dataclass_type):
-        if only is not None and f.name not in only:
+        if only is not None and f.name not in only or str(f.type).startswith("dict"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if "bool" in str(f.type):
@@ -87,6 +88,13 @@ def _train(ctx: click.Context, config_file: str | None, **_):
     given.pop("config_file", None)
     file_settings = read_yaml(config_file) if config_file else {}
     layered = {**file_settings, **given}
+    if layered.get("train") is False or layered.get("iters") == 0:
+        # mlx_lm.lora --test without --train: evaluate the adapter in --adapter-path, train nothing.
+        if not layered.get("test"):
+            raise InputError("nothing to do: with --iters 0 (or train: false) add --test to evaluate the adapter "
+                             "in --adapter-path, or give --iters to train")
+        _evaluate(ctx, config_file)
+        return
     adapter_path = layered.get("adapter_path") or TrainingArgs.__dataclass_fields__["adapter_path"].default
     world = launched_world()
     with holding(adapter_path, world):  # decided and trained under one lock
@@ -97,7 +105,10 @@ def _train(ctx: click.Context, config_file: str | None, **_):
 
 def _make_train_command():
     params = [click.Option(["-c", "--config", "config_file"], type=str, default=None,
-                           help="YAML file of settings (keys: the flag names with underscores).")]
+                           help="YAML file of settings (keys: the flag names with underscores; mlx_lm.lora's "
+                                "config files work too)."),
+              click.Option(["--fine-tune-type"], type=click.Choice(["lora", "dora", "full"]), default=None,
+                           help="mlx_lm.lora's name for --method lora (dora and full are not supported).")]
     params += _options(TrainingArgs) + _options(DRLoRAConfig)
     return click.Command(
         "train",
@@ -314,6 +325,34 @@ def fuse(model, adapter_path, save_path, dequantize, requantize):
     from .fuse import fuse as fuse_model
 
     click.echo(fuse_model(model, adapter_path, save_path, dequantize=dequantize, requantize=requantize).summary())
+
+
+def _evaluate(ctx: click.Context, config_file: str | None, **_):
+    from .evaluate import evaluate_adapter, evaluation_settings
+    from .train import launched_world
+
+    given = _given(ctx)
+    given.pop("config_file", None)
+    file_settings = read_yaml(config_file) if config_file else {}
+    evaluate_adapter(evaluation_settings(given, file_settings, f"config file {config_file}"), launched_world())
+
+
+# The settings an evaluation reads (mlx-lm's --test without --train).
+_TEST_FIELDS = ("model", "data", "adapter_path", "batch_size", "max_seq_length", "test_batches", "mask_prompt",
+                "prompt_feature", "completion_feature", "chat_feature", "text_feature", "trust_remote_code")
+
+
+def _make_test_command():
+    params = [click.Option(["-c", "--config", "config_file"], type=str, default=None,
+                           help="YAML file of settings (a train config works: training-only keys are ignored).")]
+    params += _options(TrainingArgs, only=_TEST_FIELDS)
+    return click.Command(
+        "test", callback=click.pass_context(_evaluate), params=params,
+        help="Evaluate a saved adapter on the test split, without training it (the adapter is only read). "
+             "Defaults: the settings it was trained with.")
+
+
+cli.add_command(_make_test_command())
 
 
 def main(argv=None) -> None:

@@ -16,8 +16,9 @@ class ModelError(InputError):
     """A model that cannot be loaded; the message says why and what to do."""
 
 
-def load_base(model: str):
-    """(model, tokenizer) from a local folder or a Hugging Face id, via mlx_lm.load."""
+def load_base(model: str, trust_remote_code: bool = False):
+    """(model, tokenizer) from a local folder or a Hugging Face id, via mlx_lm.load
+    (``trust_remote_code`` as mlx_lm.lora passes it, to the tokenizer and the model)."""
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
     from mlx_lm import load
 
@@ -30,7 +31,8 @@ def load_base(model: str):
     else:
         _check_weights(path)
     try:
-        return load(str(path) if path.exists() else model)
+        return load(str(path) if path.exists() else model, tokenizer_config={"trust_remote_code": trust_remote_code},
+                    trust_remote_code=trust_remote_code)
     except LocalEntryNotFoundError:
         raise ModelError(
             f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "

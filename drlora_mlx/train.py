@@ -22,12 +22,13 @@ import mlx.core as mx
 import numpy as np
 
 from . import checkpoint, faults
+from .adapter_start import start_from_adapter_file
 from .adapters import save_adapter
 from .attach import attach
 from .config import DRLoRAConfig, TrainingArgs, run_settings
 from .checkpoint import CheckpointError
-from .data import bundled_data_dir, check_lengths, fingerprint, load_datasets
-from .errors import RunStopped
+from .data import FEATURES, bundled_data_dir, check_lengths, fingerprint, load_datasets
+from .errors import InputError, RunStopped
 from .files import StorageError
 from .export import import_peft
 from .memory import available_bytes, estimate_peak_bytes, memory_warning
@@ -113,8 +114,10 @@ class _Run:
         self.say = out if self.rank == 0 else (lambda line: None)
         self.adapter_path = Path(args.adapter_path)
         self.model_name = args.model or str(builtin_model_path())
-        self.data = args.data or str(bundled_data_dir())
+        # A Hugging Face dataset replaces the bundled tasks, as it replaces --data.
+        self.data = args.data or (None if args.hf_dataset else str(bundled_data_dir()))
         self.saved_at: list[int] = []
+        self.reporter = None
 
     def sources(self) -> None:
         """Say where the run starts and what it trains on."""
@@ -122,18 +125,20 @@ class _Run:
             self.say(note)
         if self.args.model is None:
             self.say(f"No --model given: training the built-in tiny {BUILTIN_FAMILY} ({self.model_name})")
-        if self.args.data is None:
+        if self.data is not None and self.args.data is None:
             self.say(f"No --data given: using the bundled tasks ({self.data})")
         if self.world is not None:
             size = self.world.size()
             self.peers = np.asarray(_peer_table(self.world))
             self.say(f"data-parallel over {size} processes: each takes {self.args.batch_size // size} of the "
                      f"{self.args.batch_size} examples of every batch")
+        if self.rank == 0:
+            self.reporter = reporting_callback(self.args, self.config)
 
     def load(self) -> None:
         """The model with its adapter attached (or imported from a PEFT export), and the data."""
         args = self.args
-        self.model, tokenizer = load_base(self.model_name)
+        self.model, tokenizer = load_base(self.model_name, trust_remote_code=args.trust_remote_code)
         mx.random.seed(args.seed)
         if self.start.kind == "warm":
             # A new run that starts from the exported adapter's weights and ranks.
@@ -142,8 +147,20 @@ class _Run:
                      "afresh)")
         else:
             self.drlora = attach(self.model, self.config, seed=args.seed)
+        if args.resume_adapter_file and self.start.kind == "warm":
+            raise InputError("resume_from (a PEFT export) and resume_adapter_file both give starting weights; give one")
+        if args.resume_adapter_file and self.start.kind == "fresh":  # a resumed run has the weights already
+            for note in start_from_adapter_file(self.drlora, args.resume_adapter_file):
+                self.say(note)
+            self.say(f"starting from the mlx-lm adapter {args.resume_adapter_file} (its weights fill the first ranks; "
+                     "statistics and optimizer start afresh)")
+        features = {name: getattr(args, name) for name in FEATURES}
+        notes: list[str] = []
         self.train_set, self.valid_set, self.test_set = load_datasets(self.data, tokenizer, args.mask_prompt,
-                                                                      need_test=args.test)
+                                                                      need_test=args.test, features=features,
+                                                                      hf_dataset=args.hf_dataset, notes=notes)
+        for note in notes:
+            self.say(note)
         truncated = check_lengths(self.train_set, args.max_seq_length)
         if truncated:
             self.say(f"warning: {truncated} training examples are longer than --max-seq-length "
@@ -155,7 +172,7 @@ class _Run:
         args, drlora = self.args, self.drlora
         self.say(drlora.report())
         self.trainer = Trainer(self.model, drlora, args, progress=Progress(args.iters, enabled=self.rank == 0),
-                               world=self.world)
+                               world=self.world, reporter=self.reporter)
         schedule = self.trainer.schedule
         if self.config.method == "drlora":
             self.say(
@@ -173,7 +190,8 @@ class _Run:
             recorded = self.start.meta.get("data_sha256")
             if recorded is not None and recorded != self.data_sha256:
                 raise CheckpointError(
-                    f"the training data in {self.data} is not the data the checkpoint {self.start.source} was trained "
+                    f"the training data in {self.data or 'hf_dataset'} is not the data the checkpoint "
+                    f"{self.start.source} was trained "
                     "on (its examples changed); resume with the same data or train into a new --adapter-path"
                 )
             self.trainer.restore(self.start.arrays, self.start.meta)
@@ -295,6 +313,25 @@ class _Run:
                     "carry it for this model, so mlx_lm.load(adapter_path=...) gives the untrained router; "
                     "drlora_mlx.load() applies it"
                 )
+
+
+def reporting_callback(args: TrainingArgs, config: DRLoRAConfig):
+    """mlx-lm's reporting callback for ``args.report_to`` (None without one), made
+    as mlx_lm.lora makes it: the run's settings as its config, the adapter folder
+    as its log folder."""
+    if not args.report_to:
+        return None
+    from mlx_lm.tuner import callbacks
+
+    for name in (n.strip().lower() for n in args.report_to.split(",") if n.strip()):
+        if name not in callbacks.SUPPORT_CALLBACK:
+            raise InputError(f"report_to: unknown service {name!r}; choose from "
+                             f"{', '.join(callbacks.SUPPORT_CALLBACK)}")
+        if getattr(callbacks, name, None) is None:  # mlx-lm imports each service's package if it is there
+            raise InputError(f"report_to {name}: the {name} package is not installed; pip install {name}")
+    settings = {**args.to_dict(), **config.to_dict()}
+    return callbacks.get_reporting_callbacks(args.report_to, project_name=args.project_name,
+                                             log_dir=args.adapter_path, config=settings)
 
 
 def launched_world():

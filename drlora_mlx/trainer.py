@@ -1,12 +1,13 @@
 """The DR-LoRA training loop: compiled steps, growth events between them.
 
-The step is ``mlx-lm``'s (value_and_grad, gradient accumulation, AdamW), split
-in two compiled functions so that a non-finite gradient is seen before it
-reaches the weights, plus what DR-LoRA adds: the routing sums of the loss
-tokens come out of the forward pass, and at each optimizer update the rank
-importance and routing frequency EMAs are updated from the accumulated
-gradients and sums before AdamW moves A and B. Growth events run between steps
-and change mask values only, so they never retrace; new compiled steps are
+The step is ``mlx-lm``'s (value_and_grad, gradient accumulation, the
+optimizer of ``optimizers``), split in two compiled functions so that a
+non-finite gradient is seen before it reaches the weights, plus what DR-LoRA
+adds: the routing sums of the loss tokens come out of the forward pass, and at
+each optimizer update the rank importance and routing frequency EMAs are
+updated from the accumulated gradients and sums before the optimizer moves A
+and B. Growth events run between steps and change mask values only, so they
+never retrace; new compiled steps are
 made only when the trained set changes (the router unfreezing after warm-up) or
 the LoRA width moves to the next bucket (``DRLoRA.fit_width``).
 """
@@ -19,7 +20,6 @@ from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
@@ -28,8 +28,10 @@ from .checkpoint import CheckpointError
 from .config import TrainingArgs
 from .drlora import DRLoRA
 from .errors import RunStopped
-from .data import Batches, eval_batches
+from .data import Batches
+from .evaluate import test_loss
 from .growth import grow
+from .optimizers import make_optimizer, needs_rank_guard
 from .progress import MetricsLog, Progress
 from .report import event_summary
 
@@ -59,24 +61,6 @@ class NonFiniteError(RunStopped):
         self.iteration = iteration
 
 
-def learning_rate_schedule(args: TrainingArgs, warmup_steps: int, peak: float | None = None):
-    """Linear warm-up to the peak (default ``args.learning_rate``) over the
-    growth warm-up, then the chosen decay."""
-    total = args.optimizer_steps
-    peak = args.learning_rate if peak is None else peak
-    decay_steps = max(total - warmup_steps, 1)
-    if args.lr_schedule == "linear":
-        decay = optim.linear_schedule(peak, 0.0, decay_steps)
-    elif args.lr_schedule == "cosine":
-        decay = optim.cosine_decay(peak, decay_steps)
-    else:
-        decay = lambda _: peak  # noqa: E731
-    if warmup_steps <= 0:
-        return decay
-    warmup = optim.linear_schedule(peak / warmup_steps, peak, warmup_steps - 1) if warmup_steps > 1 else (lambda _: peak)
-    return optim.join_schedules([warmup, decay], [warmup_steps])
-
-
 def loss_mask(lengths: mx.array, width: int) -> mx.array:
     """Which of the ``width`` next-token targets of each row count: those that
     predict a real token after the prompt. ``lengths`` is (rows, 2): the
@@ -85,16 +69,6 @@ def loss_mask(lengths: mx.array, width: int) -> mx.array:
     target n - 1, which predicts the first padding token)."""
     steps = mx.arange(1, width + 1)
     return mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
-
-
-def make_optimizer(drlora: DRLoRA, args: TrainingArgs, warmup_steps: int):
-    """(optimizer, the LoRA factors' optimizer): AdamW for the LoRA factors and
-    a second AdamW, at ``args.router_learning_rate``, for the routers' full weights."""
-    routers = tuple(layer.router_path + "." for layer in drlora.layers)
-    lora = optim.AdamW(learning_rate=learning_rate_schedule(args, warmup_steps), weight_decay=args.weight_decay)
-    router = optim.AdamW(learning_rate=learning_rate_schedule(args, warmup_steps, args.router_learning_rate),
-                         weight_decay=args.weight_decay)
-    return optim.MultiOptimizer([router, lora], [lambda path, _: path.startswith(routers)]), lora
 
 
 def make_loss(drlora: DRLoRA, record: bool = True):
@@ -197,7 +171,9 @@ class Trainer:
     """Runs ``args.iters`` iterations of DR-LoRA training on ``model``."""
 
     def __init__(self, model, drlora: DRLoRA, args: TrainingArgs, progress: Progress | None = None,
-                 metrics: MetricsLog | None = None, world=None):
+                 metrics: MetricsLog | None = None, world=None, reporter=None):
+        """``reporter``: an mlx-lm ``TrainingCallback`` that process 0 gives every
+        train and validation report, in mlx-lm's keys."""
         self.model = model
         self.drlora = drlora
         self.args = args
@@ -208,6 +184,7 @@ class Trainer:
         self.optimizer, self.lora_optimizer = make_optimizer(drlora, args, self.schedule.warmup_steps)
         self.optimizer.init(model.trainable_parameters())
         self.progress = progress or Progress(args.iters, enabled=False)
+        self.reporter = reporter if self.rank == 0 else None
         self.metrics = metrics or MetricsLog("metrics.jsonl", enabled=False)
         self.loss_and_grad = nn.value_and_grad(model, make_loss(drlora, record=self.schedule.n_events > 0))
         self.steps: dict = {}
@@ -271,7 +248,7 @@ class Trainer:
         routing = self._all_sum(accum.routing)
         if self.schedule.n_events:  # uniform LoRA never grows: no statistics to keep
             self.drlora.update_statistics(grads, routing, n_tokens)
-        before = self.drlora.factors() if self.args.weight_decay > 0 else None
+        before = self.drlora.factors() if needs_rank_guard(self.args) else None
         self.optimizer.update(self.model, grads)
         if before is not None:
             self.drlora.keep_masked_ranks(before)
@@ -286,18 +263,9 @@ class Trainer:
     # ----- evaluation -----------------------------------------------------------
 
     def evaluate(self, dataset, batches: int) -> float:
-        self.model.eval()
-        total, count = mx.array(0.0), mx.array(0.0)
-        loss_fn = make_loss(self.drlora, record=False)
-        for batch, lengths in eval_batches(dataset, self.args.batch_size, self.args.max_seq_length, batches,
-                                           self.rank, self.world_size):
-            ce_sum, n, _ = loss_fn(self.model, mx.array(batch), mx.array(lengths))
-            total = total + ce_sum
-            count = count + n
-            mx.eval(total, count)
-        total, count = self._all_sum(total), self._all_sum(count)
-        self.model.train()
-        return (total / mx.maximum(count, 1)).item()
+        """The loss on the first ``batches`` batches of ``dataset`` (see ``evaluate.test_loss``)."""
+        return test_loss(self.model, self.drlora, dataset, self.args.batch_size, self.args.max_seq_length, batches,
+                         self.world if self.world_size > 1 else None)
 
     # ----- one iteration --------------------------------------------------------
 
@@ -419,6 +387,9 @@ class Trainer:
                 self._validate(valid_set, it, result)
             tic = time.perf_counter()
             loss, n_tokens, event = self.train_step(*next(batches))
+            threshold = args.clear_cache_threshold
+            if threshold is not None and mx.get_cache_memory() > threshold:
+                mx.clear_cache()
             self.batch_state = batches.state()
             window.add(loss, n_tokens, time.perf_counter() - tic)
             step_losses.append(loss)
@@ -433,10 +404,8 @@ class Trainer:
             if it % args.steps_per_report == 0 or it == args.iters:
                 self._report(window, it, lr, peak, result)
                 window = ReportWindow()
-            self.progress.update(
-                it,
-                f"loss {loss:.3f} | {self.last_tps:,.0f} tok/s | {peak:.2f} GB | lr {lr:.1e} | rank {self.mean_rank:.2f}",
-            )
+            self.progress.update(it, loss=loss, tokens_per_second=self.last_tps, peak_memory_gb=peak, lr=lr,
+                                 mean_rank=self.mean_rank)
             if on_save is not None and (it % args.save_every == 0 or it == args.iters):
                 on_save(it)
         result.interrupted = self.iteration < args.iters
@@ -446,10 +415,14 @@ class Trainer:
         return result
 
     def _validate(self, valid_set, it: int, result: TrainResult) -> None:
+        tic = time.perf_counter()
         val = self.evaluate(valid_set, self.args.val_batches)
         result.val_losses.append((it, val))
         self.progress.log(f"iter {it}: valid loss {val:.3f}")
         self.metrics.write({"kind": "val", "step": it, "val_loss": val})
+        if self.reporter is not None:  # mlx-lm counts the iterations done before the evaluation
+            self.reporter.on_val_loss_report({"iteration": it - 1, "val_loss": val,
+                                              "val_time": time.perf_counter() - tic})
 
     def _log_growth(self, event, it: int, result: TrainResult) -> None:
         result.events.append(event)
@@ -471,6 +444,16 @@ class Trainer:
             "trained_tokens": result.tokens,
         }
         self.metrics.write(record)
+        if self.reporter is not None:
+            self.reporter.on_train_loss_report({
+                "iteration": it,
+                "train_loss": record["loss"],
+                "learning_rate": lr,
+                "iterations_per_second": window.iterations / max(window.seconds, 1e-9),
+                "tokens_per_second": tokens_per_second,
+                "trained_tokens": result.tokens,
+                "peak_memory": peak,
+            })
         self.progress.log(
             f"iter {it}: loss {record['loss']:.3f} | lr {lr:.2e} | "
             f"{tokens_per_second:,.0f} tok/s | peak {peak:.2f} GB | mean rank {self.mean_rank:.2f}"
