@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
 from mlx_lm.tuner.lora import LoRALinear
 
@@ -20,6 +21,7 @@ from .config import ConfigError, DRLoRAConfig
 from .drlora import DRLoRA, MoELayer, RoutingState
 from .families import UnsupportedModelError, lookup
 from .masked_lora import MaskedLoRASwitchLinear, dequantized_weight
+from .pooled_lora import PooledLoRASwitchLinear, RankPool
 from .probe import applied_weights
 from .routing import RoutingRecorder, RoutingSite, observe, router_weight
 from .tree import child_modules, module_at, replace_module
@@ -110,29 +112,60 @@ def _find_layers(drlora: DRLoRA) -> None:
         )
 
 
+def _projection(drlora: DRLoRA, layer: MoELayer, target: str) -> tuple[str, nn.Module]:
+    """(attribute name, switch layer) of one target projection of a block's experts."""
+    name = target
+    if isinstance(layer.experts, SwitchMLP):
+        if target not in _SWITCH_MLP_NAMES:
+            raise UnsupportedModelError(
+                f"{drlora.family_name}: experts are SwitchMLP (fc1, fc2); target {target!r} does not exist, "
+                "use up_proj (fc1) and down_proj (fc2)"
+            )
+        name = _SWITCH_MLP_NAMES[target]
+    base = layer.experts[name]
+    if not isinstance(base, (SwitchLinear, QuantizedSwitchLinear)):
+        raise UnsupportedModelError(
+            f"{drlora.family_name}: {layer.path}.{layer.experts_name}.{name} is {type(base).__name__}, "
+            "not a SwitchLinear"
+        )
+    return name, base
+
+
+def _rank_pool(drlora: DRLoRA, layer: MoELayer, bases: list[nn.Module]) -> RankPool:
+    """The layer's pool of N_mod x r_target rank slots, beside its experts (``lora_pool``)."""
+    up = layer.experts["fc1" if isinstance(layer.experts, SwitchMLP) else "up_proj"]
+    hidden, inner = up.input_dims, up.output_dims
+    for base in bases:
+        if sorted((base.input_dims, base.output_dims)) != sorted((hidden, inner)):
+            raise UnsupportedModelError(
+                f"{drlora.family_name}: an expert projection maps {base.input_dims} -> {base.output_dims}, not "
+                f"between the experts' {hidden} and {inner}, so its ranks cannot share the layer's pool; use "
+                "--lora-layout masked"
+            )
+    capacity = sum(base.num_experts for base in bases) * drlora.config.ranks.r_target
+    pool = RankPool(capacity, hidden, inner, layer=layer.index, seed=drlora.seed)
+    layer.experts.lora_pool = pool
+    layer.pool = pool
+    return pool
+
+
 def _adapt_experts(drlora: DRLoRA, layer: MoELayer) -> None:
-    """Replace the target projections of one block's experts with rank-masked LoRA."""
+    """Replace the target projections of one block's experts with LoRA in the
+    configured layout: rank-masked, or drawing on the layer's rank pool."""
     config = drlora.config
     r_init, _, r_max = config.ranks
-    for target in config.targets:
-        name = target
-        if isinstance(layer.experts, SwitchMLP):
-            if target not in _SWITCH_MLP_NAMES:
-                raise UnsupportedModelError(
-                    f"{drlora.family_name}: experts are SwitchMLP (fc1, fc2); target {target!r} does not exist, "
-                    "use up_proj (fc1) and down_proj (fc2)"
-                )
-            name = _SWITCH_MLP_NAMES[target]
-        base = layer.experts[name]
-        if not isinstance(base, (SwitchLinear, QuantizedSwitchLinear)):
-            raise UnsupportedModelError(
-                f"{drlora.family_name}: {layer.path}.{layer.experts_name}.{name} is {type(base).__name__}, "
-                "not a SwitchLinear"
-            )
-        module = MaskedLoRASwitchLinear.from_base(base, r_max=r_max, rank=r_init, scale=config.scale)
+    projections = [_projection(drlora, layer, target) for target in config.targets]
+    pool = _rank_pool(drlora, layer, [base for _, base in projections]) if config.layout == "pooled" else None
+    for name, base in projections:
+        if pool is None:
+            module = MaskedLoRASwitchLinear.from_base(base, r_max=r_max, rank=r_init, scale=config.scale)
+        else:
+            module = PooledLoRASwitchLinear(base, pool, r_max=r_max, scale=config.scale)
         setattr(layer.experts, name, module)
         layer.modules.append(module)
         layer.module_names.append(name)
+    if pool is not None:
+        pool.set_ranks([(module, np.full(module.num_experts, r_init)) for module in layer.modules])
 
 
 def _prepare_router(drlora: DRLoRA, layer: MoELayer) -> None:
@@ -298,7 +331,9 @@ def attach(model: nn.Module, config: DRLoRAConfig | None = None, seed: int | Non
     family_name, family = lookup(model)
     if seed is not None:
         mx.random.seed(seed)
-    drlora = DRLoRA(model, config, family_name, family)
+    # The pooled layout draws each new rank's A from a key made of this seed (random without one).
+    pool_seed = seed if seed is not None else int(mx.random.randint(0, 2**31 - 1, ()).item())
+    drlora = DRLoRA(model, config, family_name, family, seed=pool_seed)
     _find_layers(drlora)
     model.freeze()
     for layer in drlora.layers:

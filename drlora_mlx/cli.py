@@ -123,7 +123,7 @@ cli.add_command(_make_train_command())
 
 # The method settings a growth plan depends on.
 _PLAN_METHOD = ("r_init", "r_target", "r_max", "grow_every", "grow_fraction", "warmup_ratio", "growth_buffer",
-                "targets", "allocation")
+                "targets", "allocation", "lora_layout")
 
 
 # What the memory of a run depends on besides the model and the ranks.

@@ -33,6 +33,7 @@ EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 TRAIN_ROUTER = ("after-warmup", "never", "always")
 ROUTING_SIGNALS = ("weight", "count")
 ALLOCATIONS = ("per-layer", "global")
+LORA_LAYOUTS = ("pooled", "masked")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
 # The router's full weights take larger steps than the LoRA factors at the same
@@ -129,6 +130,10 @@ class DRLoRAConfig:
                                               "self_attn.q_proj,self_attn.v_proj).")
     num_layers: int = _setting(-1, "Adapt the last N decoder layers (-1: all): the MoE layers among them get expert "
                                    "LoRA, and --lora-keys and the attention LoRA apply in them only.", at_least=-1)
+    lora_layout: str | None = _setting(None, "Where the expert LoRA lives: pooled (the default for DR-LoRA with "
+                                             "per-layer allocation: a per-layer pool of r_target ranks per module, "
+                                             "the memory of uniform LoRA at r_target) or masked (every expert at "
+                                             "r_max; the default otherwise).", choices=LORA_LAYOUTS)
     active_width: bool = _setting(True, "Compute the expert LoRA at the smallest r_init * 2^k covering the largest "
                                         "active rank (few compiled shapes) instead of always at r_max.")
 
@@ -158,6 +163,21 @@ class DRLoRAConfig:
             raise ConfigError(f"ema_beta must be in [0, 1); got {self.ema_beta}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
+        if self.lora_layout == "pooled" and not self._pooled_fits:
+            why = "uniform LoRA has no budget to pool" if self.method == "lora" else \
+                "global allocation lets a layer take more than its share"
+            raise ConfigError(f"lora_layout pooled sizes each layer's LoRA state to its rank budget, and {why}; "
+                              "use lora_layout masked (or leave it out)")
+
+    @property
+    def _pooled_fits(self) -> bool:
+        return self.method == "drlora" and self.allocation == "per-layer"
+
+    @property
+    def layout(self) -> str:
+        """The expert LoRA layout: ``lora_layout``, or by default pooled where a
+        per-layer budget exists (DR-LoRA, per-layer allocation), else masked."""
+        return self.lora_layout or ("pooled" if self._pooled_fits else "masked")
 
     @property
     def ranks(self) -> Ranks:

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from .config import DRLoRAConfig
 from .importance import update_importance
+from .pooled_lora import RankPool
 from .report import describe, parameter_counts
 from .routing import RoutingRecorder, router_weight, update_frequency
 
@@ -34,11 +35,32 @@ class MoELayer:
     router: nn.Module
     router_path: str  # dotted path of the router, e.g. "model.layers.3.mlp.gate"
     decoder: nn.Module | None = None  # the decoder layer that holds the block (or is it)
-    modules: list = field(default_factory=list)  # MaskedLoRASwitchLinear, one per target
+    modules: list = field(default_factory=list)  # ExpertLoRA (masked or pooled), one per target
     module_names: list = field(default_factory=list)  # attribute names inside ``experts``
+    pool: RankPool | None = None  # the pooled layout's rank slots (``experts.lora_pool``)
 
     def module_paths(self) -> list[str]:
         return [f"{self.path}.{self.experts_name}.{name}" for name in self.module_names]
+
+    @property
+    def pool_path(self) -> str:
+        return f"{self.path}.{self.experts_name}.lora_pool"
+
+    def lora_arrays(self) -> list[mx.array]:
+        """The trainable expert LoRA arrays of this layer, as allocated."""
+        if self.pool is not None:
+            return [self.pool.hidden, self.pool.inner]
+        return [a for m in self.modules for a in (m.lora_a, m.lora_b)]
+
+    def set_ranks(self, ranks: np.ndarray) -> None:
+        """Every module's ranks from one row (module m = p * E + e); the caller fits the widths."""
+        E = self.modules[0].num_experts
+        new = [(m, ranks[p * E : (p + 1) * E]) for p, m in enumerate(self.modules)]
+        if self.pool is not None:  # one call, so that ranks one module gives back can go to another
+            self.pool.set_ranks(new)
+            return
+        for module, r in new:
+            module.set_ranks(r)
 
 
 class RoutingState(nn.Module):
@@ -55,8 +77,9 @@ class RoutingState(nn.Module):
 class DRLoRA:
     """DR-LoRA attached to one model: layers, ranks, statistics, router."""
 
-    def __init__(self, model: nn.Module, config: DRLoRAConfig, family_name: str, family):
+    def __init__(self, model: nn.Module, config: DRLoRAConfig, family_name: str, family, seed: int = 0):
         self.model = model
+        self.seed = seed  # the pooled layout's A initialisation keys
         self.config = config
         self.family_name = family_name
         self.family = family
@@ -93,7 +116,7 @@ class DRLoRA:
         return self.config.ranks.r_max
 
     def expert_modules(self):
-        """Every MaskedLoRASwitchLinear with its dotted path."""
+        """Every expert LoRA module (``ExpertLoRA``) with its dotted path."""
         for layer in self.layers:
             yield from zip(layer.module_paths(), layer.modules)
 
@@ -107,10 +130,8 @@ class DRLoRA:
 
     def set_ranks(self, ranks: np.ndarray) -> None:
         ranks = np.asarray(ranks)
-        E = self.n_experts
         for l, layer in enumerate(self.layers):
-            for p, module in enumerate(layer.modules):
-                module.set_ranks(ranks[l, p * E : (p + 1) * E])
+            layer.set_ranks(ranks[l])
         self.fit_width(int(ranks.max()))
 
     def fit_width(self, max_rank: int | None = None) -> int:
@@ -149,8 +170,13 @@ class DRLoRA:
         the optimizer changes A and B."""
         beta = self.config.ema_beta
         flat = dict(tree_flatten(grads))
-        for path, module in self.expert_modules():
-            update_importance(module, flat[f"{path}.lora_a"], flat[f"{path}.lora_b"], beta)
+        for layer in self.layers:
+            if layer.pool is not None:
+                path = layer.pool_path
+                layer.pool.update_importance(flat[f"{path}.hidden"], flat[f"{path}.inner"], beta)
+                continue
+            for path, module in zip(layer.module_paths(), layer.modules):
+                update_importance(module, flat[f"{path}.lora_a"], flat[f"{path}.lora_b"], beta)
         observed = routing_sums / mx.maximum(n_tokens.astype(mx.float32), 1.0)
         self.state.frequency = update_frequency(self.state.frequency, observed, self.state.seen, beta)
         self.state.seen = mx.array(1.0)
@@ -159,7 +185,8 @@ class DRLoRA:
         return {path: (m.lora_a, m.lora_b) for path, m in self.expert_modules()}
 
     def keep_masked_ranks(self, before: dict[str, tuple[mx.array, mx.array]]) -> None:
-        """Undo any optimizer change to inactive ranks (weight decay would shrink them)."""
+        """Undo any optimizer change to inactive ranks (weight decay would shrink
+        them). Masked layout only: a pool's unused slots are zero and stay zero."""
         for path, module in self.expert_modules():
             a, b = before[path]
             m = module.rank_mask

@@ -5,7 +5,7 @@ the checkpoint writer) for that run only; without them nothing is touched, and
 the training code itself has no hooks.
 
 - ``DRLORA_MLX_FAULT_NAN_AT=3,7``: those iterations' gradients are non-finite
-  (a NaN in one B while their gradient is computed; no weight changes);
+  (a NaN in one trainable array while their step runs, put back after it);
 - ``DRLORA_MLX_FAULT_DIVERGE_RANK=1``: that data-parallel process grows one
   rank more than the others at the first growth event;
 - ``DRLORA_MLX_FAULT_SLOW_SAVE=3``: every checkpoint waits 3 s between being
@@ -22,6 +22,7 @@ import time
 from contextlib import contextmanager
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import checkpoint
 
@@ -33,31 +34,30 @@ KILL_RANK = "DRLORA_MLX_FAULT_KILL_RANK"
 
 
 def _nan_at(trainer, iterations: set[int]) -> None:
-    accumulate = trainer._accumulate
+    step = trainer._run_step
 
-    def poisoned(batch, lengths):
+    def poisoned(batch, lengths, update):
         if trainer.iteration + 1 not in iterations:
-            return accumulate(batch, lengths)
-        _, module = next(iter(trainer.drlora.expert_modules()))
-        kept = module.lora_b
-        module.lora_b = kept * mx.array(float("nan"))
+            return step(batch, lengths, update)
+        name, kept = tree_flatten(trainer.model.trainable_parameters())[0]
+        trainer.model.update(tree_unflatten([(name, kept * mx.array(float("nan")))]))
         try:
-            return accumulate(batch, lengths)
+            return step(batch, lengths, update)
         finally:
-            module.lora_b = kept
+            trainer.model.update(tree_unflatten([(name, kept)]))
 
-    trainer._accumulate = poisoned
+    trainer._run_step = poisoned
 
 
 def _kill_at(trainer, iteration: int, rank: int) -> None:
-    accumulate = trainer._accumulate
+    step = trainer._run_step
 
-    def killed(batch, lengths):
+    def killed(batch, lengths, update):
         if trainer.iteration + 1 == iteration and trainer.rank == rank:
             os.kill(os.getpid(), signal.SIGKILL)
-        return accumulate(batch, lengths)
+        return step(batch, lengths, update)
 
-    trainer._accumulate = killed
+    trainer._run_step = killed
 
 
 def _diverge(trainer, rank: int) -> None:

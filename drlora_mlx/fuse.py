@@ -99,6 +99,8 @@ def _merge(drlora, dtype: mx.Dtype) -> list[tuple[nn.Module, str, nn.Module]]:
         for name, module in zip(layer.module_names, layer.modules):
             setattr(layer.experts, name, module.fuse(dtype=dtype))
             merged.append((layer.experts, name, module.linear))
+        if layer.pool is not None:  # merged into the weights: the rank slots go
+            layer.experts.pop("lora_pool")
         unobserve(layer.experts)
         unobserve(layer.router)
     for path, lora in drlora.extra_loras:

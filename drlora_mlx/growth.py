@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
 import numpy as np
 
 from .saliency import module_importance, saliency
@@ -32,7 +31,8 @@ class GrowthEvent:
 
 def rank_importance(drlora) -> np.ndarray:
     """Per-rank importance EMAs: (layers, modules, r_max)."""
-    return np.stack([np.concatenate([np.asarray(m.importance) for m in layer.modules]) for layer in drlora.layers])
+    return np.stack([np.concatenate([np.asarray(m.rank_importance()) for m in layer.modules])
+                     for layer in drlora.layers])
 
 
 def module_frequency(drlora) -> np.ndarray:
@@ -64,8 +64,7 @@ def reset_importance(drlora, modules: np.ndarray) -> None:
     E = drlora.n_experts
     for l, layer in enumerate(drlora.layers):
         for p, module in enumerate(layer.modules):
-            keep = mx.array(~modules[l, p * E : (p + 1) * E])[:, None]
-            module.importance = mx.where(keep, module.importance, 0.0)
+            module.reset_importance(modules[l, p * E : (p + 1) * E])
 
 
 def grow(drlora, step: int, schedule: GrowthSchedule) -> GrowthEvent | None:

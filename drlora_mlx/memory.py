@@ -60,12 +60,6 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def default_layout(config: DRLoRAConfig) -> str:
-    """The expert LoRA layout a run of ``config`` uses by default: pooled for
-    DR-LoRA with per-layer allocation, masked for uniform LoRA and global allocation."""
-    return "pooled" if config.method == "drlora" and config.allocation == "per-layer" else "masked"
-
-
 def rank_flag(config: DRLoRAConfig, layout: str) -> str:
     """The flag whose rank sets the size of the expert LoRA state."""
     if config.method == "lora":
@@ -105,10 +99,16 @@ def _bytes(tree) -> int:
 
 
 def _base_weight_bytes(model: nn.Module) -> int:
-    """Every parameter, less the LoRA arrays of adapter layers wrapped around a base layer."""
+    """Every parameter, less the LoRA arrays of adapter layers wrapped around a
+    base layer and the pooled layout's rank pools."""
+    from .masked_lora import ExpertLoRA
+    from .pooled_lora import RankPool
+
     total = _bytes(model.parameters())
     for _, module in model.named_modules():
-        if "lora_a" in module and isinstance(module.get("linear"), nn.Module):
+        if isinstance(module, RankPool):
+            total -= _bytes(module.parameters())
+        elif isinstance(module, ExpertLoRA) or "lora_a" in module and isinstance(module.get("linear"), nn.Module):
             total -= _bytes(module.parameters()) - _bytes(module.linear.parameters())
     return total
 
@@ -246,14 +246,14 @@ def peak_estimate(shape: ModelShape, config: DRLoRAConfig, layout: str, batch_si
     return PeakEstimate(parts, lora, rank_flag(config, layout))
 
 
-def estimate_peak_bytes(model, drlora, batch_size: int, seq_len: int, grad_checkpoint: bool,
-                        layout: str = "masked") -> PeakEstimate:
-    """The peak of training ``model`` with ``drlora`` attached (in ``layout``) at
+def estimate_peak_bytes(model, drlora, batch_size: int, seq_len: int, grad_checkpoint: bool) -> PeakEstimate:
+    """The peak of training ``model`` with ``drlora`` attached (in its layout) at
     ``batch_size`` x ``seq_len`` tokens."""
     args = getattr(model, "args", None)
     shape = model_shape(model, drlora.targets, vars(args) if args is not None else {})
     fixed = sum(lora.lora_a.size + lora.lora_b.size for _, lora in drlora.extra_loras)
-    return peak_estimate(shape, drlora.config, layout, batch_size, seq_len, grad_checkpoint, fixed_rank_lora=fixed)
+    return peak_estimate(shape, drlora.config, drlora.config.layout, batch_size, seq_len, grad_checkpoint,
+                         fixed_rank_lora=fixed)
 
 
 def memory_warning(estimate: int, available: int) -> str | None:
@@ -397,7 +397,7 @@ def memory_plan(model: str, config: DRLoRAConfig, batch_size: int, seq_len: int,
     settings = read_config(model)
     shape = model_shape(model_from_config(settings), config.targets, settings)
     quantization = _quantization(settings)[0] or {}
-    layout = default_layout(config)
+    layout = config.layout
     available = available_bytes()
     budget = int(FIT_SHARE * available)
     estimates = {l: peak_estimate(shape, config, l, batch_size, seq_len, grad_checkpoint) for l in LAYOUTS}

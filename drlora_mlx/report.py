@@ -9,12 +9,13 @@ from .progress import format_time, rank_heatmap
 
 
 def parameter_counts(drlora) -> dict:
-    """Allocated, active and uniform-LoRA-at-r_target parameter counts of the expert LoRA."""
-    allocated = active = uniform = 0
+    """Allocated (as the layout stores it), active and uniform-LoRA-at-r_target
+    parameter counts of the expert LoRA."""
+    active = uniform = 0
     r_target = drlora.config.ranks.r_target
+    allocated = sum(a.size for layer in drlora.layers for a in layer.lora_arrays())
     for _, m in drlora.expert_modules():
-        per_rank = m.lora_a.shape[-1] + m.lora_b.shape[-2]
-        allocated += m.lora_a.size + m.lora_b.size
+        per_rank = m.input_dims + m.output_dims
         active += int(m.ranks().sum()) * per_rank
         uniform += m.num_experts * r_target * per_rank
     extra = sum(l.lora_a.size + l.lora_b.size for _, l in drlora.extra_loras)
@@ -38,7 +39,7 @@ def describe(drlora) -> str:
     lines = [
         f"{config.method} on {drlora.family_name}: {drlora.n_layers} MoE layers x {drlora.n_experts} experts x "
         f"{len(drlora.targets)} projections ({', '.join(drlora.targets)}) = {n_mod} expert modules, {ranks}",
-        f"  expert LoRA parameters: {counts['expert_lora_allocated']:,} allocated, "
+        f"  expert LoRA parameters: {counts['expert_lora_allocated']:,} allocated ({config.layout} layout), "
         f"{counts['expert_lora_active']:,} active now",
     ]
     if drlora.extra_loras:
@@ -94,7 +95,7 @@ def run_summary(drlora, result, steps_per_report: int) -> str:
         f"  {'growth events':<28}{len(result.events)}",
         f"  {'active expert LoRA params':<28}{counts['expert_lora_active']:,} "
         f"(uniform LoRA at r_target {r_target}: {counts['expert_lora_uniform_r_target']:,}; "
-        f"allocated at r_max: {counts['expert_lora_allocated']:,})",
+        f"allocated, {drlora.config.layout} layout: {counts['expert_lora_allocated']:,})",
         f"  {'trainable parameters':<28}{counts['trainable']:,}",
     ]
     return "\n".join(lines)

@@ -47,7 +47,9 @@ class Start:
         """The settings a run starting here keeps unless told otherwise."""
         if self.kind == "resume":
             saved = self._saved_settings()
-            return {k: v for k, v in {**saved["training"], **saved["method"]}.items() if k not in _OWN_SETTINGS}
+            # Checkpoints made before the pooled layout existed hold masked factors.
+            method = {"lora_layout": "masked", **saved["method"]}
+            return {k: v for k, v in {**saved["training"], **method}.items() if k not in _OWN_SETTINGS}
         if self.kind == "warm":
             return dict(self.meta["method"])
         return None

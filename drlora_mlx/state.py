@@ -6,6 +6,7 @@ LoRA layer (attention, shared experts), and the routers once training has change
 
     <expert module path>.rank_mask      (E, r_max) float32, prefix-shaped
     <expert module path>.importance     (E, r_max) float32
+    <expert module path>.slots          (E, r_max) int32, pooled layout: the slot of every rank
     <fixed-rank LoRA path>.rank         () int32
     routing.frequency                   (MoE layers, E)
     routing.seen                        ()
@@ -33,8 +34,10 @@ def encode(drlora) -> dict[str, mx.array]:
     """The state of ``drlora`` as named arrays."""
     arrays = {FREQUENCY: drlora.state.frequency, SEEN: drlora.state.seen}
     for path, module in drlora.expert_modules():
-        arrays[f"{path}.rank_mask"] = module.rank_mask
-        arrays[f"{path}.importance"] = module.importance
+        arrays[f"{path}.rank_mask"] = module.active_mask()
+        arrays[f"{path}.importance"] = module.rank_importance()
+        if "slots" in module:  # where each rank lives in the pool, so a resumed run continues exactly
+            arrays[f"{path}.slots"] = module.slots
     for path, lora in drlora.extra_loras:
         arrays[f"{path}.rank"] = mx.array(lora.lora_a.shape[1], dtype=mx.int32)
     if drlora.trained_routers():  # an unchanged router is the base model's own
@@ -51,6 +54,7 @@ class AdapterState:
     expert_ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)  # module path -> rank per expert
     fixed_ranks: dict[str, int] = field(default_factory=dict)  # LoRA layer path -> rank
     importance: dict[str, mx.array] = field(default_factory=dict)
+    slots: dict[str, mx.array] = field(default_factory=dict)  # pooled layout: module path -> slot table
     frequency: mx.array | None = None
     seen: mx.array | None = None
     routers: dict[str, mx.array] = field(default_factory=dict)  # full parameter path -> value
@@ -64,6 +68,8 @@ def decode(arrays: dict[str, mx.array], router_paths=()) -> AdapterState:
             state.expert_ranks[key[: -len(".rank_mask")]] = tuple(int(r) for r in ranks_of(value))
         elif key.endswith(".importance"):
             state.importance[key[: -len(".importance")]] = value
+        elif key.endswith(".slots"):
+            state.slots[key[: -len(".slots")]] = value
         elif key.endswith(".rank") and value.ndim == 0:
             state.fixed_ranks[key[: -len(".rank")]] = int(value.item())
         elif any(key == p or key.startswith(p + ".") for p in router_paths):
@@ -75,9 +81,14 @@ def restore(drlora, arrays: dict[str, mx.array]) -> None:
     """Put encoded state into ``drlora`` (attached with the same settings)."""
     state = decode(arrays, [layer.router_path for layer in drlora.layers]
                    + [f"{layer.path}.{k}" for layer in drlora.layers for k in drlora.family.block_router_params])
-    for path, module in drlora.expert_modules():
-        module.set_ranks(np.array(state.expert_ranks[path], dtype=np.int64))
-        module.importance = state.importance[path]
+    for layer in drlora.layers:
+        paths = layer.module_paths()
+        if layer.pool is not None and all(p in state.slots for p in paths):
+            layer.pool.set_tables([(m, state.slots[p]) for p, m in zip(paths, layer.modules)])
+        else:  # a masked-layout state, or one without slots: ranks alone
+            layer.set_ranks(np.concatenate([state.expert_ranks[p] for p in paths]).astype(np.int64))
+        for path, module in zip(paths, layer.modules):
+            module.set_rank_importance(state.importance[path])
     drlora.state.frequency = state.frequency
     drlora.state.seen = state.seen
     if state.routers:

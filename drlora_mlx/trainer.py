@@ -1,21 +1,24 @@
-"""The DR-LoRA training loop: compiled steps, growth events between them.
+"""The DR-LoRA training loop: one compiled step per iteration, growth events between them.
 
 The step is ``mlx-lm``'s (value_and_grad, gradient accumulation, the
-optimizer of ``optimizers``), split in two compiled functions so that a
-non-finite gradient is seen before it reaches the weights, plus what DR-LoRA
-adds: the routing sums of the loss tokens come out of the forward pass, and at
-each optimizer update the rank importance and routing frequency EMAs are
-updated from the accumulated gradients and sums before the optimizer moves A
-and B. Growth events run between steps and change mask values only, so they
-never retrace; new compiled steps are
-made only when the trained set changes (the router unfreezing after warm-up) or
-the LoRA width moves to the next bucket (``DRLoRA.fit_width``).
+optimizer of ``optimizers``) in one compiled call, plus what DR-LoRA adds: the
+routing sums of the loss tokens come out of the forward pass, and at each
+optimizer update the rank importance and routing frequency EMAs are updated
+from the accumulated gradients and sums before the optimizer moves the factors.
+A non-finite loss or gradient is caught inside the graph (the update keeps the
+old parameters, optimizer state and statistics), so nothing is materialised
+between the gradient and the update. Growth events run between steps and
+change values only (masks, slot tables), so they never retrace; new compiled
+steps are made only when the trained set changes (the router unfreezing after
+warm-up), the LoRA width moves to the next bucket (``DRLoRA.fit_width``), or
+for the three kinds of iteration of gradient accumulation.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -206,24 +209,32 @@ class Trainer:
     def _state(self):
         return [self.model.state, self.optimizer.state, mx.random.state, self.drlora.state.state]
 
-    def _compiled(self, kind: str):
-        # Growth changes mask values only; new steps are traced only when the
-        # trained set (router) or the LoRA width bucket changes.
-        key = (self.router_trained, self.drlora.widths())
+    def _compiled(self, update: bool):
+        # Growth changes values only (masks, slot tables); new steps are traced only when the trained
+        # set (router), the LoRA width bucket, or the kind of iteration (with or without an earlier
+        # micro-batch, with or without the optimizer update) changes.
+        key = (self.router_trained, self.drlora.widths(), self.accum is not None, update)
         if key not in self.steps:
-            self.steps[key] = {
-                "grad": mx.compile(self._grad_step, inputs=self._state(), outputs=self._state()),
-                "update": mx.compile(self._update_step, inputs=self._state(), outputs=self._state()),
-            }
-        return self.steps[key][kind]
+            step = partial(self._step, update=update)
+            self.steps[key] = mx.compile(step, inputs=self._state(), outputs=self._state())
+        return self.steps[key]
 
     def _all_sum(self, x):
         return mx.distributed.all_sum(x, group=self.world) if self.world_size > 1 else x
 
-    def _grad_step(self, batch, lengths, accum):
-        """Gradients and routing sums of this process's share of a batch, added
-        to ``accum``; also the batch's mean loss and token count over all
-        processes, and whether everything is finite everywhere."""
+    def _step(self, batch, lengths, accum, may_skip, update: bool):
+        """One iteration in one compiled call: the gradients and routing sums of
+        this process's share of the batch, added to ``accum`` (the earlier
+        micro-batches of the optimizer step); with ``update``, also the step's
+        statistics and optimizer update. Returns the batch's mean loss and token
+        count over all processes, whether everything was finite everywhere, and
+        (without ``update``) the new accumulation.
+
+        The non-finite guard is inside the graph: a non-finite loss or gradient
+        is left out of the accumulation, and an update with nothing finite to
+        apply (or, when ``may_skip`` is false, any update of a step whose last
+        batch is bad: the run is about to stop) keeps every parameter, optimizer
+        state and statistic as it was."""
         self.traces += 1  # runs only while tracing
         (ce_sum, n_tokens, routing), grads = self.loss_and_grad(self.model, batch, lengths)
         grads = dict(tree_flatten(grads))  # flat {path: gradient}: saves and restores as is
@@ -231,24 +242,35 @@ class Trainer:
         for g in grads.values():
             bad = mx.logical_or(bad, mx.logical_not(mx.isfinite(g).all()))
         totals = self._all_sum(mx.stack([ce_sum, n_tokens.astype(mx.float32), bad.astype(mx.float32)]))
-        loss = totals[0] / mx.maximum(totals[1], 1.0)
+        loss, finite = totals[0] / mx.maximum(totals[1], 1.0), totals[2] == 0
         if accum is not None:
             grads = {k: g + accum.grads[k] for k, g in grads.items()}
             routing = routing + accum.routing
             n_tokens = n_tokens + accum.tokens
-        return loss, totals[1], totals[2] == 0, Accumulation(grads, routing, n_tokens)
+        if not update:  # the caller keeps this accumulation only if it is finite
+            return loss, totals[1], finite, Accumulation(grads, routing, n_tokens)
+        apply = finite
+        if accum is not None:  # a bad last batch: the step is the earlier micro-batches alone
+            grads = {k: mx.where(finite, g, accum.grads[k]) for k, g in grads.items()}
+            routing = mx.where(finite, routing, accum.routing)
+            n_tokens = mx.where(finite, n_tokens, accum.tokens)
+            apply = mx.logical_or(finite, may_skip)
+        before = _snapshot(self._state())
+        self._update(Accumulation(grads, routing, n_tokens))
+        _keep_unless(apply, self._state(), before)
+        return loss, totals[1], finite
 
-    def _update_step(self, accum: Accumulation):
+    def _update(self, accum: Accumulation):
         """The optimizer update of an accumulation cycle, after the statistics:
         gradient and routing sums over every micro-batch and process, divided
         by their token count."""
-        self.traces += 1
         n_tokens = mx.maximum(self._all_sum(accum.tokens).astype(mx.float32), 1.0)
         grads = tree_unflatten([(k, self._all_sum(g) / n_tokens) for k, g in accum.grads.items()])
         routing = self._all_sum(accum.routing)
         if self.schedule.n_events:  # uniform LoRA never grows: no statistics to keep
             self.drlora.update_statistics(grads, routing, n_tokens)
-        before = self.drlora.factors() if needs_rank_guard(self.args) else None
+        guard = needs_rank_guard(self.args) and self.drlora.config.layout == "masked"
+        before = self.drlora.factors() if guard else None
         self.optimizer.update(self.model, grads)
         if before is not None:
             self.drlora.keep_masked_ranks(before)
@@ -269,40 +291,42 @@ class Trainer:
 
     # ----- one iteration --------------------------------------------------------
 
-    def _accumulate(self, batch, lengths):
-        """The compiled gradient step on one batch: (loss, tokens, finite, accumulation)."""
-        out = self._compiled("grad")(mx.array(batch), mx.array(lengths), self.accum)
-        mx.eval(*out)
-        return out
+    def _run_step(self, batch, lengths, update: bool):
+        """The compiled step on one batch, evaluated: (loss, tokens, finite, accumulation or None)."""
+        may_skip = mx.array(self.skipped < self.args.skip_nonfinite)
+        out = self._compiled(update)(mx.array(batch), mx.array(lengths), self.accum, may_skip)
+        if not update:
+            mx.eval(out)
+            return out
+        mx.eval(out, self._state())
+        return (*out, None)
 
     def train_step(self, batch, lengths):
-        """One iteration: a batch through the compiled gradient step; at the end
-        of an accumulation cycle also the optimizer update and the growth event.
-        A batch with a non-finite loss or gradient never reaches the weights:
-        it is skipped (up to ``skip_nonfinite`` times) or ends the run with
-        ``NonFiniteError``. Returns (loss, loss tokens, growth event or None)."""
+        """One iteration: a batch through the compiled step, which at the end of
+        an accumulation cycle also makes the optimizer update; then, at the end
+        of a cycle, the growth event. A batch with a non-finite loss or gradient
+        never reaches the weights: it is skipped (up to ``skip_nonfinite``
+        times) or ends the run with ``NonFiniteError``. Returns (loss, loss
+        tokens, growth event or None)."""
         args = self.args
         it = self.iteration + 1
         opt_step = (it - 1) // args.grad_accumulation_steps + 1
         do_update = it % args.grad_accumulation_steps == 0
         if self.drlora.config.train_router == "after-warmup":
             self._set_router(opt_step > self.schedule.warmup_steps)
-        loss, n_tokens, finite, accum = self._accumulate(batch, lengths)
+        loss, n_tokens, finite, accum = self._run_step(batch, lengths, do_update)
         self.iteration = it
-        if finite.item():
-            self.accum = accum
-        else:
+        if not finite.item():
             self.skipped += 1
             if self.skipped > args.skip_nonfinite:
                 raise NonFiniteError(it, opt_step, float(loss.item()))
             self.progress.log(f"iter {it}: non-finite loss or gradient, batch skipped "
                               f"({self.skipped} of --skip-nonfinite {args.skip_nonfinite})")
+        elif not do_update:
+            self.accum = accum
         event = None
-        if do_update and self.accum is not None:
-            self._compiled("update")(self.accum)
-            mx.eval(self._state())
-            self.accum = None
         if do_update:
+            self.accum = None
             event = self._grow(opt_step)
         return loss.item(), int(n_tokens.item()), event
 
@@ -459,6 +483,32 @@ class Trainer:
             f"{tokens_per_second:,.0f} tok/s | peak {peak:.2f} GB | mean rank {self.mean_rank:.2f}"
         )
         self.last_tps = tokens_per_second
+
+
+def _snapshot(tree):
+    """The containers of ``tree`` copied, its arrays shared: what ``_keep_unless`` compares against."""
+    if isinstance(tree, dict):
+        return {k: _snapshot(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_snapshot(v) for v in tree]
+    return tree
+
+
+def _keep_unless(apply: mx.array, tree, before) -> None:
+    """In place: every array of ``tree`` that is not the one in ``before``
+    becomes ``where(apply, new, old)``. In place, because the compiled step's
+    outputs are read from these very containers."""
+    if isinstance(tree, dict):
+        items = [(k, v, before.get(k)) for k, v in tree.items()]
+    elif isinstance(tree, list):
+        items = [(i, v, before[i] if i < len(before) else None) for i, v in enumerate(tree)]
+    else:
+        return
+    for key, new, old in items:
+        if isinstance(new, (dict, list)):
+            _keep_unless(apply, new, old)
+        elif isinstance(new, mx.array) and isinstance(old, mx.array) and new is not old:
+            tree[key] = mx.where(apply, new, old)
 
 
 def _section(arrays: dict, prefix: str) -> dict:

@@ -28,7 +28,7 @@ def main(model_path: str, out: str) -> None:
                         steps_per_report=1000, steps_per_eval=1000)
     result = Trainer(model, drlora, args, world=world).run(train)
     weights = dict(tree_flatten(model.trainable_parameters()))
-    weights.update({f"{p}.rank_mask": m.rank_mask for p, m in drlora.expert_modules()})
+    weights.update({f"{p}.rank_mask": m.active_mask() for p, m in drlora.expert_modules()})
     weights["routing.frequency"] = drlora.state.frequency
     weights["events"] = mx.array(len(result.events))
     mx.save_safetensors(f"{out}/rank{world.rank()}.safetensors", weights)

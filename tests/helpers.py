@@ -41,17 +41,28 @@ def attached(tiny_models, family: str, shape=SHAPE, quantize_bits=None, seed: in
 
 
 def randomize_b(drlora, seed: int = 0, std: float = 0.05):
-    """Give every active rank a non-zero B (as after some training)."""
+    """Give every active rank a non-zero B (as after some training), in either layout."""
     key = mx.random.key(seed)
     for i, (_, m) in enumerate(drlora.expert_modules()):
-        b = mx.random.normal(m.lora_b.shape, key=mx.random.split(key, 1000)[i]) * std
-        m.lora_b = b * m.rank_mask[:, None, :]
-    mx.eval([m.lora_b for _, m in drlora.expert_modules()])
+        a, b = m.masked_factors()
+        b = mx.random.normal(b.shape, key=mx.random.split(key, 1000)[i]) * std
+        m.load_factors(a, b * m.active_mask()[:, None, :], m.ranks())
+    mx.eval(drlora.model.parameters())
+
+
+def budget_ranks(drlora, seed: int = 0) -> np.ndarray:
+    """Random ranks in [r_init, r_max] whose per-layer mean is at most r_target:
+    any rank pattern a per-layer run can reach, in either layout."""
+    rng = np.random.default_rng(seed)
+    r_init, r_target, r_max = drlora.config.ranks
+    ranks = rng.integers(r_init, r_max + 1, size=(drlora.n_layers, drlora.n_modules))
+    for row in ranks:
+        while row.sum() > r_target * row.size:
+            row[rng.choice(np.flatnonzero(row > r_init))] -= 1
+    return ranks
 
 
 def heterogeneous_ranks(drlora, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    r_init, _, r_max = drlora.config.ranks
-    ranks = rng.integers(r_init, r_max + 1, size=(drlora.n_layers, drlora.n_modules))
+    ranks = budget_ranks(drlora, seed)
     drlora.set_ranks(ranks)
     return ranks

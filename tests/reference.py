@@ -64,7 +64,8 @@ class Reference:
     def sync(self) -> None:
         """Copy the adapter's current factors and masks into the reference."""
         for path, m in self.drlora.expert_modules():
-            lora = (m.lora_a.astype(F64), m.lora_b.astype(F64), m.rank_mask.astype(F64), float(m.scale))
+            a, b = m.masked_factors()  # in either layout: the active ranks, zero elsewhere
+            lora = (a.astype(F64), b.astype(F64), m.active_mask().astype(F64), float(m.scale))
             expert = Expert64(module_at(self.model, path).weight, lora)
             expert.freeze(keys=["weight", "mask"])  # only A and B have gradients
             replace_module(self.model, path, expert)

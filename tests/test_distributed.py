@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from drlora_mlx import checkpoint
+from drlora_mlx.adapters import load as drlora_load
 
 from .helpers import SHAPE
 
@@ -50,6 +51,16 @@ def _adapter(adapter_path):
     return {k: np.asarray(v) for k, v in mx.load(str(adapter_path / "adapters.safetensors")).items()}
 
 
+def _assert_same_function(a, b):
+    """Two adapters of one model give the same logits, up to 1e-4 of the adapter's own effect."""
+    model = json.loads((a / "drlora_config.json").read_text())["model"]
+    tokens = mx.array(np.random.default_rng(0).integers(3, 384, (4, 32)).astype(np.int32))
+    base = np.asarray(drlora_load(model)[0](tokens))
+    la, lb = (np.asarray(drlora_load(model, path)[0](tokens)) for path in (a, b))
+    effect = np.abs(la - base).max()
+    assert effect > 1.0 and np.abs(la - lb).max() < 1e-4 * effect
+
+
 @pytest.fixture(scope="module")
 def one_and_two(tiny_models, tmp_path_factory):
     """The same run in one process and in two (same data, same global batch)."""
@@ -77,10 +88,11 @@ def test_two_processes_follow_the_one_process_run(one_and_two):
         assert np.array_equal(masks_one[k], masks_two[k]), k
     ranks = np.concatenate([m.sum(-1) for m in masks_one.values()])
     assert ranks.min() == 2 and ranks.max() > 4  # growth happened
-    # Summation order differs between one and two processes; AdamW's per-element
-    # normalisation lets those float differences grow to ~1e-5 in the weights.
-    a, b = _adapter(root / "one"), _adapter(root / "two")
-    assert max(np.abs(a[k] - b[k]).max() for k in a) < 2e-4
+    # Summation order differs between one and two processes. AdamW's per-element normalisation
+    # turns rounding-level gradients (the A of a rank whose B is still near zero) into full
+    # learning-rate steps, so single factor entries can differ by ~1e-3; the adapted model
+    # does not: its logits agree to 1e-4 of what the adapter changes.
+    _assert_same_function(root / "one", root / "two")
 
 
 def test_every_process_ends_identical(tiny_models, tmp_path):
@@ -119,8 +131,7 @@ def test_two_process_checkpoint_resumes_in_one_process(one_and_two, tmp_path):
     for k in want:
         if k.endswith("rank_mask"):
             assert np.array_equal(want[k], got[k]), k
-    a, b = _adapter(root / "two"), _adapter(resumed)
-    assert max(np.abs(a[k] - b[k]).max() for k in a) < 2e-4
+    _assert_same_function(root / "two", resumed)
     assert np.allclose(_losses(root / "two")[21:], _losses(resumed), rtol=1e-4, atol=1e-5)
 
 

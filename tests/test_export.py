@@ -384,9 +384,12 @@ def test_train_starts_from_a_peft_export(trained, tmp_path, capsys):
     export_peft(adapter, tmp_path / "peft", "fused")
     imported, _ = mlx_lm_load(str(model))
     drlora = import_peft(imported, tmp_path / "peft")
-    for _, module in drlora.expert_modules():  # inactive ranks keep a live A, so they can grow later
-        inactive = np.asarray(module.rank_mask) == 0
-        assert np.abs(np.asarray(module.lora_a)[inactive]).min() > 0
+    # The trained ranks come back, every active rank in a slot of its own.
+    _, _, saved = drlora_load(str(model), adapter)
+    assert np.array_equal(drlora.ranks(), saved.ranks())
+    for l, layer in enumerate(drlora.layers):
+        held = np.concatenate([np.array(m.slots)[np.array(m.slots) != layer.pool.null] for m in layer.modules])
+        assert len(np.unique(held)) == len(held) == drlora.ranks()[l].sum()
     out, fresh = tmp_path / "continued", tmp_path / "fresh"
     same = ["--model", str(model), "--iters", "4", "--batch-size", "4", "--steps-per-report", "1", "--mask-prompt"]
     code, text, err = run_cli(["train", *same, "--resume-from", str(tmp_path / "peft"), "--adapter-path", str(out)],

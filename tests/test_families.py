@@ -43,8 +43,10 @@ def test_family_trains_grows_and_loads_in_stock_mlx_lm(tiny_models, tmp_path, fa
     assert drlora.n_layers == _moe_layers(model) >= 2
     assert drlora.routing_signal == ("count" if FAMILIES[family].weights is None else "weight"), drlora.notes
     counts = drlora.parameter_counts()
+    # The pooled layout: per MoE layer N_mod x r_target rank slots and the null slot, each H + I values.
     assert counts["expert_lora_allocated"] == sum(
-        m.lora_a.size + m.lora_b.size for _, m in drlora.expert_modules()
+        (sum(m.num_experts for m in layer.modules) * 4 + 1) * (layer.modules[0].input_dims + layer.modules[0].output_dims)
+        for layer in drlora.layers
     )
     result = _train(model, tokenizer, drlora)
     losses = [loss for _, loss in result.losses]

@@ -31,7 +31,8 @@ def _set_statistics(drlora, importance, frequency):
     """Per-module importance (layers x modules, the same value for every rank) and per-expert frequency."""
     for l, layer in enumerate(drlora.layers):
         for p, m in enumerate(layer.modules):
-            m.importance = mx.array(np.repeat(importance[l, p * E:(p + 1) * E, None], m.r_max, axis=1), mx.float32)
+            m.set_rank_importance(mx.array(np.repeat(importance[l, p * E:(p + 1) * E, None], m.r_max, axis=1),
+                                           mx.float32))
     drlora.state.frequency = mx.array(frequency, mx.float32)
 
 
@@ -75,13 +76,13 @@ def test_growth_resets_the_importance_of_the_modules_that_grew_only(tiny_models)
     model, _, drlora = attached(tiny_models, "qwen3_moe", r_init=2, r_target=4, r_max=8)
     rng = np.random.default_rng(1)
     _set_statistics(drlora, rng.random((drlora.n_layers, drlora.n_modules)) + 0.1, rng.random((drlora.n_layers, E)))
-    before = [np.asarray(m.importance) for _, m in drlora.expert_modules()]
+    before = [np.asarray(m.rank_importance()) for _, m in drlora.expert_modules()]
     event = grow(drlora, 1, _schedule(drlora.n_modules, 2, 4, 8, n_events=2))
     assert (event.grown > 0).any() and (event.grown == 0).any()
     for i, (_, m) in enumerate(drlora.expert_modules()):
         l, p = divmod(i, len(drlora.targets))
         grew = event.grown[l, p * E:(p + 1) * E] > 0
-        now = np.asarray(m.importance)
+        now = np.asarray(m.rank_importance())
         assert (now[grew] == 0).all()
         assert np.array_equal(now[~grew], before[i][~grew])
 
@@ -182,12 +183,12 @@ def test_the_router_trains_at_its_own_learning_rate(tiny_models):
     trainer = Trainer(model, drlora, args)
     router_before = np.asarray(drlora.layers[0].router.weight)
     _, b_module = next(iter(drlora.expert_modules()))
-    b_before = np.asarray(b_module.lora_b)
+    b_before = np.asarray(b_module.masked_factors()[1])
     warmup = trainer.schedule.warmup_steps
     trainer.train_step(*padded_batch(384, seed=5))
     step_factor = 0.1 / np.sqrt(0.001) / warmup  # the first warm-up step is peak / warmup_steps
     router_moved = np.abs(np.asarray(drlora.layers[0].router.weight) - router_before).max()
-    b_moved = np.abs(np.asarray(b_module.lora_b) - b_before).max()
+    b_moved = np.abs(np.asarray(b_module.masked_factors()[1]) - b_before).max()
     assert np.isclose(router_moved, 2e-5 * step_factor, rtol=1e-2)
     assert np.isclose(b_moved, 1e-3 * step_factor, rtol=1e-2)
     assert TrainingArgs(model="m", learning_rate=3e-3).router_learning_rate == pytest.approx(9e-4)  # 0.3 x lr

@@ -13,7 +13,7 @@ from mlx_lm.utils import _get_classes, quantize_model
 
 from drlora_mlx import memory
 from drlora_mlx.attach import attach
-from drlora_mlx.config import DRLoRAConfig
+from drlora_mlx.config import ConfigError, DRLoRAConfig
 from drlora_mlx.families.spec import TinyShape
 from drlora_mlx.memory import (
     PeakEstimate,
@@ -248,13 +248,29 @@ def test_every_family_counts_what_mlx_lm_holds(family, bits):
 def test_the_masked_formula_is_what_attach_allocates(tiny_models):
     model, _ = mlx_lm_load(str(tiny_models("qwen3_moe", shape=SHAPE)))
     base = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    drlora = attach(model, DRLoRAConfig(r_init=2, r_target=4, r_max=8))
+    drlora = attach(model, DRLoRAConfig(r_init=2, r_target=4, r_max=8, lora_layout="masked"))
     allocated = sum((m.lora_a.nbytes + m.lora_b.nbytes) * 4 + m.rank_mask.nbytes + m.importance.nbytes
                     for _, m in drlora.expert_modules())
     estimate = memory.estimate_peak_bytes(model, drlora, 2, 32, grad_checkpoint=False)
     assert estimate.parts["expert LoRA state"] == allocated
     assert estimate.parts["base weights"] == base
     assert estimate.rank_flag == "--r-max"
+
+
+def test_the_pooled_formula_is_what_attach_allocates(tiny_models):
+    model, _ = mlx_lm_load(str(tiny_models("qwen3_moe", shape=SHAPE)))
+    base = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    drlora = attach(model, DRLoRAConfig(r_init=2, r_target=4, r_max=8))
+    assert drlora.config.layout == "pooled"
+    pools = [layer.pool for layer in drlora.layers]
+    allocated = sum((p.hidden.nbytes + p.inner.nbytes) * 4 + p.importance.nbytes for p in pools)
+    allocated += sum(m.slots.nbytes for _, m in drlora.expert_modules())
+    estimate = memory.estimate_peak_bytes(model, drlora, 2, 32, grad_checkpoint=False)
+    assert estimate.parts["expert LoRA state"] == allocated
+    assert estimate.parts["base weights"] == base
+    assert estimate.parts["gathered LoRA factors"] == max(
+        sum(m.num_experts * 8 * (m.input_dims + m.output_dims) * 8 for m in layer.modules) for layer in drlora.layers)
+    assert estimate.rank_flag == "--r-target"
 
 
 def test_uniform_is_mlx_lms_lora(tiny_models):
@@ -315,6 +331,10 @@ def test_warning_names_the_rank_flag_when_the_lora_state_does_not_fit(config, la
 
 
 def test_default_layout():
-    assert memory.default_layout(DRLoRAConfig()) == "pooled"
-    assert memory.default_layout(DRLoRAConfig(allocation="global")) == "masked"
-    assert memory.default_layout(DRLoRAConfig(method="lora")) == "masked"
+    assert DRLoRAConfig().layout == "pooled"
+    assert DRLoRAConfig(allocation="global").layout == "masked"
+    assert DRLoRAConfig(method="lora").layout == "masked"
+    assert DRLoRAConfig(lora_layout="masked").layout == "masked"
+    for bad in (dict(method="lora"), dict(allocation="global")):
+        with pytest.raises(ConfigError, match="lora_layout pooled sizes each layer's LoRA state to its rank budget"):
+            DRLoRAConfig(lora_layout="pooled", **bad)

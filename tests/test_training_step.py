@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from drlora_mlx import state
 from drlora_mlx.config import TrainingArgs
-from drlora_mlx.trainer import Trainer, make_loss
+from drlora_mlx.trainer import NonFiniteError, Trainer, make_loss
 
 from .helpers import SHAPE, attached, heterogeneous_ranks, padded_batch, randomize_b
 from .reference import Reference, rank_scores
@@ -24,24 +25,25 @@ def _np(x):
     return np.asarray(x, dtype=np.float64)
 
 
+@pytest.mark.parametrize("layout", ["pooled", "masked"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_importance_and_frequency_equal_float64_recomputation(tiny_models, family):
+def test_importance_and_frequency_equal_float64_recomputation(tiny_models, family, layout):
     """Two optimizer steps of two micro-batches each: the importance EMA (Eq. 6-7)
     and the routing frequency EMA (Eq. 5) against gradients from an independent
     float64 model and loss, and routing weights read from the blocks themselves."""
     beta = 0.8
-    model, _, drlora = attached(tiny_models, family, ema_beta=beta, train_router="never")
+    model, _, drlora = attached(tiny_models, family, ema_beta=beta, train_router="never", lora_layout=layout)
     heterogeneous_ranks(drlora, seed=1)
     randomize_b(drlora, seed=1)
     reference = Reference(tiny_models(family, shape=SHAPE), drlora)
     trainer = _trainer(model, drlora, grad_accumulation_steps=2, iters=400)  # no growth event in these steps
-    masks = {path: _np(m.rank_mask) for path, m in drlora.expert_modules()}
+    masks = {path: _np(m.active_mask()) for path, m in drlora.expert_modules()}
     importance = {path: 0.0 for path in masks}
     frequency = None
     for step, seeds in enumerate([(10, 11), (12, 13)]):
         batches = [padded_batch(384, seed=s) for s in seeds]
         reference.sync()
-        before = {path: (_np(m.lora_a), _np(m.lora_b)) for path, m in drlora.expert_modules()}
+        before = {path: tuple(_np(f) for f in m.masked_factors()) for path, m in drlora.expert_modules()}
         grads, tokens, routing = [], 0, 0.0
         for b, l in batches:
             _, n, g = reference.loss_and_grads(b, l)
@@ -55,7 +57,7 @@ def test_importance_and_frequency_equal_float64_recomputation(tiny_models, famil
             ga = (grads[0][path][0] + grads[1][path][0]) / tokens
             gb = (grads[0][path][1] + grads[1][path][1]) / tokens
             importance[path] = beta * importance[path] + (1 - beta) * rank_scores(*before[path], ga, gb)
-            assert np.allclose(_np(m.importance), importance[path], rtol=1e-3, atol=1e-12), (step, path)
+            assert np.allclose(_np(m.rank_importance()), importance[path], rtol=1e-3, atol=1e-12), (step, path)
             assert (importance[path][masks[path] == 0] == 0).all() and importance[path].max() > 0
         observed = routing / tokens
         frequency = observed if frequency is None else beta * frequency + (1 - beta) * observed
@@ -78,7 +80,7 @@ def test_frequency_is_an_ema_after_the_first_step(tiny_models):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_optimizer_never_changes_a_masked_rank(tiny_models, weight_decay):
-    model, _, drlora = attached(tiny_models, "qwen3_moe", train_router="never")
+    model, _, drlora = attached(tiny_models, "qwen3_moe", train_router="never", lora_layout="masked")
     heterogeneous_ranks(drlora, seed=2)
     before = {p: (_np(m.lora_a), _np(m.lora_b), _np(m.rank_mask)) for p, m in drlora.expert_modules()}
     trainer = _trainer(model, drlora, weight_decay=weight_decay, iters=1000)  # no growth within 5 steps
@@ -108,11 +110,15 @@ def test_activating_ranks_keeps_logits_bit_identical(tiny_models):
     assert mx.array_equal(model(x), before)
 
 
-def test_trainable_parameters_are_the_adapters_and_the_router_when_on(tiny_models):
-    model, _, drlora = attached(tiny_models, "deepseek_v3", train_router="after-warmup")
+@pytest.mark.parametrize("layout", ["pooled", "masked"])
+def test_trainable_parameters_are_the_adapters_and_the_router_when_on(tiny_models, layout):
+    model, _, drlora = attached(tiny_models, "deepseek_v3", train_router="after-warmup", lora_layout=layout)
     names = [k for k, _ in tree_flatten(model.trainable_parameters())]
-    assert names and all(k.endswith(("lora_a", "lora_b")) for k in names)
-    assert len(names) == 2 * len(list(drlora.expert_modules()))
+    if layout == "masked":  # A and B of every module
+        assert names and all(k.endswith(("lora_a", "lora_b")) for k in names)
+        assert len(names) == 2 * len(list(drlora.expert_modules()))
+    else:  # the two sides of every layer's pool
+        assert names == [f"{layer.pool_path}.{side}" for layer in drlora.layers for side in ("hidden", "inner")]
     drlora.set_router_trainable(True)
     names = {k for k, _ in tree_flatten(model.trainable_parameters())}
     routers = {k for k in names if ".gate." in k}
@@ -143,10 +149,10 @@ def test_growth_events_do_not_retrace(tiny_models, train_router, phases, active_
     assert drlora.ranks().mean() == drlora.config.r_target
     # Widths 8, 16, 32 for r_init 8, r_max 32: at most log2(32 / 8) + 1 = 3 shapes per router phase.
     width_shapes = 3 if active_width else 1
-    # One gradient step and one update step per (router phase, width), never one per event.
-    assert result.traces == 2 * len(trainer.steps)
+    # One compiled step per (router phase, width), never one per event.
+    assert result.traces == len(trainer.steps)
     assert phases <= len(trainer.steps) <= phases * width_shapes
-    assert {max(w) for _, w in trainer.steps} == ({8, 16, 32} if active_width else {32})
+    assert {max(key[1]) for key in trainer.steps} == ({8, 16, 32} if active_width else {32})
 
 
 def test_gradient_accumulation_traces_are_bounded(tiny_models):
@@ -155,4 +161,98 @@ def test_gradient_accumulation_traces_are_bounded(tiny_models):
     result = trainer.run(_FixedLength())
     assert len(result.events) >= 3
     # Per (router phase, width): the first micro-batch, the later ones, the update.
-    assert result.traces == 3 * len(trainer.steps)
+    assert result.traces == len(trainer.steps) == 3 * len({key[:2] for key in trainer.steps})
+
+
+def _everything(trainer):
+    """Every array a step can change: trainable parameters, optimizer state, statistics."""
+    arrays = {f"param.{k}": v for k, v in tree_flatten(trainer.model.trainable_parameters())}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(trainer.optimizer.state)})
+    arrays.update({f"state.{k}": v for k, v in state.encode(trainer.drlora).items()})
+    return {k: np.array(v) for k, v in arrays.items()}
+
+
+def _poisoned(model):
+    """A NaN embedding (a frozen weight): the loss and every gradient go non-finite, no trained array changes."""
+    embedding = next(m for _, m in model.named_modules() if isinstance(m, nn.Embedding))
+    kept = embedding.weight
+    embedding.weight = kept * float("nan")
+    return lambda: setattr(embedding, "weight", kept)
+
+
+@pytest.mark.parametrize("layout", ["pooled", "masked"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_nonfinite_step_leaves_weights_optimizer_and_statistics_untouched(tiny_models, layout, accumulation):
+    model, _, drlora = attached(tiny_models, "qwen3_moe", lora_layout=layout, train_router="always")
+    trainer = _trainer(model, drlora, iters=1000, grad_accumulation_steps=accumulation, weight_decay=0.1,
+                       skip_nonfinite=1)
+    for seed in range(2 * accumulation):  # some history: moments, EMAs and the step count are not zero
+        trainer.train_step(*padded_batch(384, seed=seed))
+
+    snapshots = []
+
+    def bad_last_batch(seed):
+        """Good micro-batches, then a non-finite one that ends the accumulation cycle."""
+        for s in range(accumulation - 1):
+            trainer.train_step(*padded_batch(384, seed=seed + s))
+        snapshots.append(_everything(trainer))
+        restore = _poisoned(model)
+        try:
+            loss, _, _ = trainer.train_step(*padded_batch(384, seed=seed + 9))
+            assert not np.isfinite(loss)
+        finally:
+            restore()
+
+    bad_last_batch(10)  # skipped: the budget allows one
+    assert trainer.skipped == 1
+    if accumulation == 1:  # nothing else in the step: nothing applied
+        after = _everything(trainer)
+        assert after.keys() == snapshots[0].keys()
+        for k in after:
+            assert np.array_equal(after[k], snapshots[0][k]), k
+    with pytest.raises(NonFiniteError, match="non-finite loss or gradient at iteration"):
+        bad_last_batch(20)  # over the budget: the run stops, even the good micro-batches unapplied
+    after = _everything(trainer)
+    assert after.keys() == snapshots[1].keys()
+    for k in after:
+        assert np.array_equal(after[k], snapshots[1][k]), k
+
+
+@pytest.mark.parametrize("layout", ["pooled", "masked"])
+def test_a_bad_last_micro_batch_leaves_the_step_to_the_others(tiny_models, layout):
+    """With gradient accumulation, a skipped last micro-batch: the update is the earlier
+    micro-batches' alone, exactly as if the bad one had had no loss tokens."""
+    runs = []
+    for bad in (True, False):
+        model, _, drlora = attached(tiny_models, "qwen3_moe", lora_layout=layout, train_router="always")
+        trainer = _trainer(model, drlora, iters=1000, grad_accumulation_steps=2, skip_nonfinite=1)
+        for seed in range(4):
+            trainer.train_step(*padded_batch(384, seed=seed))
+        trainer.train_step(*padded_batch(384, seed=5))
+        batch, lengths = padded_batch(384, seed=6)
+        if bad:
+            restore = _poisoned(model)
+            trainer.train_step(batch, lengths)
+            restore()
+        else:  # no loss tokens: nothing added to the step
+            trainer.train_step(batch, np.tile(np.asarray(lengths)[:, 1:], (1, 2)))
+        runs.append(_everything(trainer))
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        assert np.array_equal(runs[0][k], runs[1][k]), k
+
+
+def test_one_compiled_call_per_iteration(tiny_models):
+    model, _, drlora = attached(tiny_models, "qwen3_moe")
+    trainer = _trainer(model, drlora, iters=1000, grad_accumulation_steps=2)
+    calls = []
+    compiled = trainer._compiled
+
+    def counted(update):
+        step = compiled(update)
+        return lambda *a: calls.append(update) or step(*a)
+
+    trainer._compiled = counted
+    for seed in range(6):
+        trainer.train_step(*padded_batch(384, seed=seed))
+    assert calls == [False, True] * 3
