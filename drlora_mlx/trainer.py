@@ -76,15 +76,16 @@ def loss_mask(lengths: mx.array, width: int) -> mx.array:
 
 def make_loss(drlora: DRLoRA, record: bool = True):
     """The masked next-token cross-entropy as a *sum* over the loss tokens
-    (``loss_mask``), with their count and the batch's routing sums (zeros when
-    ``record`` is False: uniform LoRA needs no statistics).
+    (``loss_mask``) times ``scale``, with the loss-token count and the batch's
+    routing sums (zeros when ``record`` is False: uniform LoRA needs no statistics).
 
     Gradients of the sum, added over micro-batches and processes and divided by
     the total token count, are the token-weighted mean over the whole
-    optimizer step, however it is split.
+    optimizer step, however it is split; when the batch is the whole step,
+    ``scale`` = 1 / its token count gives that mean directly.
     """
 
-    def loss(model, batch, lengths):
+    def loss(model, batch, lengths, scale=1.0):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         mask = loss_mask(lengths, targets.shape[1])
         if record:
@@ -95,7 +96,7 @@ def make_loss(drlora: DRLoRA, record: bool = True):
             logits = model(inputs)
             routing = mx.zeros((drlora.n_layers, drlora.n_experts))
         ce_sum = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
-        return ce_sum, mask.sum(), routing
+        return ce_sum * scale, mask.sum(), routing
 
     return loss
 
@@ -228,21 +229,23 @@ class Trainer:
         micro-batches of the optimizer step); with ``update``, also the step's
         statistics and optimizer update. Returns the batch's mean loss and token
         count over all processes, whether everything was finite everywhere, and
-        (without ``update``) the new accumulation.
-
-        The non-finite guard is inside the graph: a non-finite loss or gradient
-        is left out of the accumulation, and an update with nothing finite to
-        apply (or, when ``may_skip`` is false, any update of a step whose last
-        batch is bad: the run is about to stop) keeps every parameter, optimizer
-        state and statistic as it was."""
+        without ``update`` the new accumulation, with it whether the update
+        stands: not when nothing finite was left to apply, nor (``may_skip``
+        false: the run is about to stop) when the step's last batch is bad."""
         self.traces += 1  # runs only while tracing
-        (ce_sum, n_tokens, routing), grads = self.loss_and_grad(self.model, batch, lengths)
+        whole = update and accum is None  # this batch is the whole optimizer step
+        scale = 1.0
+        if whole:  # the loss as the step's token mean: its gradients need no division afterwards
+            tokens = loss_mask(lengths, batch.shape[1] - 1).sum().astype(mx.float32)
+            scale = 1.0 / mx.maximum(self._all_sum(tokens), 1.0)
+        (ce, n_tokens, routing), grads = self.loss_and_grad(self.model, batch, lengths, scale)
         grads = dict(tree_flatten(grads))  # flat {path: gradient}: saves and restores as is
-        bad = mx.logical_not(mx.isfinite(ce_sum))
-        for g in grads.values():
-            bad = mx.logical_or(bad, mx.logical_not(mx.isfinite(g).all()))
-        totals = self._all_sum(mx.stack([ce_sum, n_tokens.astype(mx.float32), bad.astype(mx.float32)]))
-        loss, finite = totals[0] / mx.maximum(totals[1], 1.0), totals[2] == 0
+        # A NaN or infinity anywhere makes a sum non-finite: one reduction per gradient.
+        sums = mx.stack([ce] + [g.sum().astype(mx.float32) for g in grads.values()])
+        bad = mx.logical_not(mx.isfinite(sums.sum()))
+        totals = self._all_sum(mx.stack([ce, n_tokens.astype(mx.float32), bad.astype(mx.float32)]))
+        loss = totals[0] if whole else totals[0] / mx.maximum(totals[1], 1.0)
+        finite = totals[2] == 0
         if accum is not None:
             grads = {k: g + accum.grads[k] for k, g in grads.items()}
             routing = routing + accum.routing
@@ -255,18 +258,18 @@ class Trainer:
             routing = mx.where(finite, routing, accum.routing)
             n_tokens = mx.where(finite, n_tokens, accum.tokens)
             apply = mx.logical_or(finite, may_skip)
-        before = _snapshot(self._state())
-        self._update(Accumulation(grads, routing, n_tokens))
-        _keep_unless(apply, self._state(), before)
-        return loss, totals[1], finite
+        n_tokens = mx.maximum(self._all_sum(n_tokens).astype(mx.float32), 1.0)
+        if whole:
+            grads = {k: self._all_sum(g) for k, g in grads.items()}
+        else:
+            grads = {k: self._all_sum(g) / n_tokens for k, g in grads.items()}
+        self._update(tree_unflatten(list(grads.items())), self._all_sum(routing), n_tokens)
+        return loss, totals[1], finite, apply
 
-    def _update(self, accum: Accumulation):
+    def _update(self, grads: dict, routing: mx.array, n_tokens: mx.array):
         """The optimizer update of an accumulation cycle, after the statistics:
-        gradient and routing sums over every micro-batch and process, divided
-        by their token count."""
-        n_tokens = mx.maximum(self._all_sum(accum.tokens).astype(mx.float32), 1.0)
-        grads = tree_unflatten([(k, self._all_sum(g) / n_tokens) for k, g in accum.grads.items()])
-        routing = self._all_sum(accum.routing)
+        ``grads`` the token-mean gradient over every micro-batch and process,
+        ``routing`` their routing sums and ``n_tokens`` their loss tokens."""
         if self.schedule.n_events:  # uniform LoRA never grows: no statistics to keep
             self.drlora.update_statistics(grads, routing, n_tokens)
         guard = needs_rank_guard(self.args) and self.drlora.config.layout == "masked"
@@ -292,14 +295,20 @@ class Trainer:
     # ----- one iteration --------------------------------------------------------
 
     def _run_step(self, batch, lengths, update: bool):
-        """The compiled step on one batch, evaluated: (loss, tokens, finite, accumulation or None)."""
+        """The compiled step on one batch, evaluated: (loss, tokens, finite, accumulation or None).
+        An update that does not stand is undone by putting the arrays it replaced back: the
+        compiled step decides, and no pass over the state is spent on keeping them."""
         may_skip = mx.array(self.skipped < self.args.skip_nonfinite)
+        before = _snapshot(self._state()) if update else None
         out = self._compiled(update)(mx.array(batch), mx.array(lengths), self.accum, may_skip)
         if not update:
             mx.eval(out)
             return out
+        loss, tokens, finite, apply = out
         mx.eval(out, self._state())
-        return (*out, None)
+        if not apply.item():
+            _put_back(self._state(), before)
+        return loss, tokens, finite, None
 
     def train_step(self, batch, lengths):
         """One iteration: a batch through the compiled step, which at the end of
@@ -486,7 +495,7 @@ class Trainer:
 
 
 def _snapshot(tree):
-    """The containers of ``tree`` copied, its arrays shared: what ``_keep_unless`` compares against."""
+    """The containers of ``tree`` copied, its arrays shared: what ``_put_back`` restores."""
     if isinstance(tree, dict):
         return {k: _snapshot(v) for k, v in tree.items()}
     if isinstance(tree, list):
@@ -494,21 +503,15 @@ def _snapshot(tree):
     return tree
 
 
-def _keep_unless(apply: mx.array, tree, before) -> None:
-    """In place: every array of ``tree`` that is not the one in ``before``
-    becomes ``where(apply, new, old)``. In place, because the compiled step's
-    outputs are read from these very containers."""
-    if isinstance(tree, dict):
-        items = [(k, v, before.get(k)) for k, v in tree.items()]
-    elif isinstance(tree, list):
-        items = [(i, v, before[i] if i < len(before) else None) for i, v in enumerate(tree)]
-    else:
-        return
-    for key, new, old in items:
+def _put_back(tree, before) -> None:
+    """In place: every array of ``tree`` becomes the one ``before`` held at its place."""
+    keys = [k for k in tree if k in before] if isinstance(tree, dict) else range(min(len(tree), len(before)))
+    for key in keys:
+        new, old = tree[key], before[key]
         if isinstance(new, (dict, list)):
-            _keep_unless(apply, new, old)
-        elif isinstance(new, mx.array) and isinstance(old, mx.array) and new is not old:
-            tree[key] = mx.where(apply, new, old)
+            _put_back(new, old)
+        elif new is not old:
+            tree[key] = old
 
 
 def _section(arrays: dict, prefix: str) -> dict:

@@ -76,7 +76,7 @@ def test_growth_resets_the_importance_of_the_modules_that_grew_only(tiny_models)
     model, _, drlora = attached(tiny_models, "qwen3_moe", r_init=2, r_target=4, r_max=8)
     rng = np.random.default_rng(1)
     _set_statistics(drlora, rng.random((drlora.n_layers, drlora.n_modules)) + 0.1, rng.random((drlora.n_layers, E)))
-    before = [np.asarray(m.rank_importance()) for _, m in drlora.expert_modules()]
+    before = [np.array(m.rank_importance()) for _, m in drlora.expert_modules()]
     event = grow(drlora, 1, _schedule(drlora.n_modules, 2, 4, 8, n_events=2))
     assert (event.grown > 0).any() and (event.grown == 0).any()
     for i, (_, m) in enumerate(drlora.expert_modules()):
@@ -181,9 +181,9 @@ def test_the_router_trains_at_its_own_learning_rate(tiny_models):
     randomize_b(drlora, seed=2)
     args = TrainingArgs(iters=100, batch_size=3, learning_rate=1e-3, router_learning_rate=2e-5, lr_schedule="constant")
     trainer = Trainer(model, drlora, args)
-    router_before = np.asarray(drlora.layers[0].router.weight)
+    router_before = np.array(drlora.layers[0].router.weight)
     _, b_module = next(iter(drlora.expert_modules()))
-    b_before = np.asarray(b_module.masked_factors()[1])
+    b_before = np.array(b_module.masked_factors()[1])
     warmup = trainer.schedule.warmup_steps
     trainer.train_step(*padded_batch(384, seed=5))
     step_factor = 0.1 / np.sqrt(0.001) / warmup  # the first warm-up step is peak / warmup_steps

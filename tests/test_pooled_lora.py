@@ -125,7 +125,7 @@ def test_growth_hands_out_fresh_slots_and_keeps_the_logits(tiny_models):
     x = padded_batch(384, seed=99)[0]
     before_logits = model(x)
     tables = [np.array(m.slots) for _, m in drlora.expert_modules()]
-    before = {id(layer.pool): (np.asarray(layer.pool.hidden), np.asarray(layer.pool.inner)) for layer in drlora.layers}
+    before = {id(layer.pool): (np.array(layer.pool.hidden), np.array(layer.pool.inner)) for layer in drlora.layers}
     ranks = drlora.ranks()
     grown = np.minimum(ranks + np.arange(ranks.size).reshape(ranks.shape) % 3, drlora.r_max)
     drlora.set_ranks(grown)
