@@ -4,7 +4,8 @@ One process, one model, the same batches: mlx-lm's LoRA on the routed experts'
 up/down projections at r_max, r_target and r_init (its trainer's compiled
 step, rebuilt here from mlx-lm's parts), drlora-mlx's uniform LoRA, and
 DR-LoRA growing from r_init to r_target within r_max with growth events inside
-the measured window. Float and 4-bit bases. Prints a table, the ratios to
+the measured window, in its default pooled layout and in the masked one
+(every expert at r_max). Float and 4-bit bases. Prints a table, the ratios to
 mlx-lm and each variant's LoRA state (trainable values, their gradients and
 two AdamW moments) as a share of its peak; ``--json`` ends with one JSON object.
 
@@ -113,7 +114,7 @@ def drlora_step(model_path, config, iters, batch_size):
 
 
 def variant_names(quick):
-    names = ["mlx_lm_rmax", "mlx_lm_rtarget", "mlx_lm_rinit", "drlora_uniform_rmax", "drlora"]
+    names = ["mlx_lm_rmax", "mlx_lm_rtarget", "mlx_lm_rinit", "drlora_uniform_rmax", "drlora", "drlora_masked"]
     return names if quick else names[:3] + ["drlora_uniform_rtarget"] + names[3:]
 
 
@@ -131,7 +132,8 @@ def make_variant(name, model_path, batch, rounds):
     else:
         # grow_fraction 0.5: a module can reach r_max in two events, so a short run crosses every width.
         config = DRLoRAConfig(r_init=r_init, r_target=r_target, r_max=r_max, grow_every=2, growth_buffer=2,
-                              warmup_ratio=1 / 3, grow_fraction=0.5, train_router="never")
+                              warmup_ratio=1 / 3, grow_fraction=0.5, train_router="never",
+                              lora_layout="masked" if name == "drlora_masked" else "pooled")
     step, trainer = drlora_step(model_path, config, rounds, batch)
     return step, trainer.model, trainer
 
@@ -143,6 +145,9 @@ def lora_state(model):
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+GROWING = ("drlora", "drlora_masked")  # the variants that grow, measured by width and event
 
 
 def run_base(model_path, shape, batch, seq, n_measure, warmup, quick):
@@ -157,7 +162,7 @@ def run_base(model_path, shape, batch, seq, n_measure, warmup, quick):
     for name in names:
         _fresh()
         step, model, made = make_variant(name, model_path, batch, rounds)
-        if made is not None and name == "drlora":  # its peak is at the widest LoRA product
+        if name in GROWING:  # its peak is at the widest LoRA product
             ranks = made.drlora.ranks()
             ranks[:, 0] = r_max
             made.drlora.set_ranks(ranks)
@@ -167,25 +172,26 @@ def run_base(model_path, shape, batch, seq, n_measure, warmup, quick):
         states[name] = lora_state(model)
         del step, model, made
     _fresh()
-    steps, trainer = {}, None
+    steps, trainers = {}, {}
     for name in names:
         steps[name], _, made = make_variant(name, model_path, batch, rounds)
-        if name == "drlora":
-            trainer = made
+        if name in GROWING:
+            trainers[name] = made
     times = {name: {} for name in steps}  # name -> round -> seconds
-    rows = []
+    rows = {name: [] for name in GROWING}
     for i, (b, l) in enumerate(data):
         order = names[i % len(names):] + names[: i % len(names)]
         for name in order:
-            width, traces = trainer.drlora.width, trainer.traces
+            trainer = trainers.get(name)
+            width, traces = (trainer.drlora.width, trainer.traces) if trainer else (None, 0)
             tic = time.perf_counter()
             event = steps[name](b, l)
             seconds = time.perf_counter() - tic
-            if name == "drlora":
+            if trainer is not None:
                 grew = event is not None and event.total > 0
                 seconds -= trainer.grow_seconds if grew else 0.0
-                rows.append({"i": i, "width": width, "event": grew, "traced": trainer.traces > traces,
-                             "seconds": seconds, "grow_seconds": trainer.grow_seconds if grew else 0.0})
+                rows[name].append({"i": i, "width": width, "event": grew, "traced": trainer.traces > traces,
+                                   "seconds": seconds, "grow_seconds": trainer.grow_seconds if grew else 0.0})
             if i >= warmup:
                 times[name][i] = seconds
 
@@ -194,37 +200,38 @@ def run_base(model_path, shape, batch, seq, n_measure, warmup, quick):
         return median([times[name][i] / times[ref][i] for i in rounds if i in times[name] and i in times[ref]])
 
     out = {name: {"step": median(list(times[name].values())), "peak": peaks[name], "state": states[name]}
-           for name in names if name != "drlora"}
+           for name in names if name not in GROWING}
     for name in names:
         if name.startswith("drlora_uniform_"):
             out[name]["ratio"] = paired(name, name.replace("drlora_uniform", "mlx_lm"), range(warmup, rounds))
     for name in ("mlx_lm_rmax", "mlx_lm_rtarget", "mlx_lm_rinit"):
         out[name]["ratio"] = 1.0
-    # Steps that traced a new width are compile time, reported as traces.
-    measured = [r for r in rows if r["i"] >= warmup and not r["traced"]]
-    first_event = next(r["i"] for r in rows if r["event"])
-    early = [r["i"] for r in measured if r["i"] < first_event]
-    at_rmax = [r["i"] for r in measured if r["width"] == r_max]
-    growing = [r["i"] for r in measured if r["i"] >= first_event]
-    events = [r["grow_seconds"] for r in rows if r["event"]]
-    out["drlora"] = {
-        "step_early": median([times["drlora"][i] for i in early]),
-        "step_at_rmax_width": median([times["drlora"][i] for i in at_rmax]),
-        "step_growth_window": median([times["drlora"][i] for i in growing]),
-        "early_ratio_vs_rinit": paired("drlora", "mlx_lm_rinit", early),
-        "rmax_ratio_vs_rmax": paired("drlora", "mlx_lm_rmax", at_rmax),
-        "growth_ratio_vs_rmax": paired("drlora", "mlx_lm_rmax", growing),
-        "statistics_overhead": paired("drlora", "drlora_uniform_rmax", at_rmax) - 1,
-        "rounds": {"early": len(early), "at_rmax_width": len(at_rmax), "growing": len(growing)},
-        "peak": peaks["drlora"],
-        "state": states["drlora"],
-        "traces": trainer.traces,
-        "widths": sorted({max(w) for _, w in trainer.steps}),
-        "events": len(events),
-        "event_seconds": median(events),
-        "run_seconds": sum(r["seconds"] + r["grow_seconds"] for r in rows),
-        "final_mean_rank": float(trainer.drlora.ranks().mean()),
-    }
+    for name, trainer in trainers.items():
+        # Steps that traced a new width are compile time, reported as traces.
+        measured = [r for r in rows[name] if r["i"] >= warmup and not r["traced"]]
+        first_event = next(r["i"] for r in rows[name] if r["event"])
+        early = [r["i"] for r in measured if r["i"] < first_event]
+        at_rmax = [r["i"] for r in measured if r["width"] == r_max]
+        growing = [r["i"] for r in measured if r["i"] >= first_event]
+        events = [r["grow_seconds"] for r in rows[name] if r["event"]]
+        out[name] = {
+            "step_early": median([times[name][i] for i in early]),
+            "step_at_rmax_width": median([times[name][i] for i in at_rmax]),
+            "step_growth_window": median([times[name][i] for i in growing]),
+            "early_ratio_vs_rinit": paired(name, "mlx_lm_rinit", early),
+            "rmax_ratio_vs_rmax": paired(name, "mlx_lm_rmax", at_rmax),
+            "growth_ratio_vs_rmax": paired(name, "mlx_lm_rmax", growing),
+            "statistics_overhead": paired(name, "drlora_uniform_rmax", at_rmax) - 1,
+            "rounds": {"early": len(early), "at_rmax_width": len(at_rmax), "growing": len(growing)},
+            "peak": peaks[name],
+            "state": states[name],
+            "traces": trainer.traces,
+            "widths": sorted({max(key[1]) for key in trainer.steps}),
+            "events": len(events),
+            "event_seconds": median(events),
+            "run_seconds": sum(r["seconds"] + r["grow_seconds"] for r in rows[name]),
+            "final_mean_rank": float(trainer.drlora.ranks().mean()),
+        }
     return out
 
 
@@ -245,6 +252,10 @@ def base_summary(r, tokens):
         "uniform_lora_ratio_vs_mlx_lm_rmax": r["drlora_uniform_rmax"]["ratio"],
         "mlx_lm_rmax_tokens_per_second": tokens / r["mlx_lm_rmax"]["step"],
         "drlora_tokens_per_second": tokens / d["step_at_rmax_width"],
+        # The masked layout (every expert at r_max), measured in the same rounds.
+        "masked_step_ratio_vs_mlx_lm_rmax": r["drlora_masked"]["rmax_ratio_vs_rmax"],
+        "masked_early_step_ratio_vs_mlx_lm_rinit": r["drlora_masked"]["early_ratio_vs_rinit"],
+        "masked_peak_memory_ratio_vs_mlx_lm_rtarget": r["drlora_masked"]["peak"] / r["mlx_lm_rtarget"]["peak"],
     }
 
 
@@ -258,7 +269,7 @@ def main():
     shape_name = args.shape or ("quick" if args.quick else "default")
     shape, batch, seq, bases = SHAPES[shape_name]
     few = args.quick or shape_name == "many-experts"  # a 1-3 minute run, like --quick
-    n_measure = args.steps or (6 if few else 10)
+    n_measure = args.steps or (8 if few else 10)
     warmup = 2 if few else 3
     print(f"device {mx.default_device()}, {platform.machine()} {platform.system()}, shape {shape_name}: {shape}, "
           f"batch {batch} x {seq}, ranks r_init/r_target/r_max {RANKS}", flush=True)
@@ -285,20 +296,21 @@ def main():
                 print(f"{label:<6} {name:<34} {v['step'] * 1e3:>9.1f} {v['ratio']:>7.3f}x "
                       f"{v['peak'] / 1e6:>9.1f} {v['peak'] / r[ref_name]['peak']:>7.3f}x "
                       f"{v['state'] / 1e6:>9.1f} {100 * v['state'] / v['peak']:>5.1f}%")
-        d = r["drlora"]
-        print(f"{label:<6} {'DR-LoRA early (all at r_init)':<34} {d['step_early'] * 1e3:>9.1f} "
-              f"{d['early_ratio_vs_rinit']:>7.3f}x {'':>9} (vs mlx-lm at r_init)")
-        print(f"{label:<6} {'DR-LoRA growth window':<34} {d['step_growth_window'] * 1e3:>9.1f} "
-              f"{d['growth_ratio_vs_rmax']:>7.3f}x")
-        print(f"{label:<6} {'DR-LoRA at r_max width':<34} {d['step_at_rmax_width'] * 1e3:>9.1f} "
-              f"{d['rmax_ratio_vs_rmax']:>7.3f}x {d['peak'] / 1e6:>9.1f} {d['peak'] / ref['peak']:>7.3f}x "
-              f"{d['state'] / 1e6:>9.1f} {100 * d['state'] / d['peak']:>5.1f}%")
-        print(f"{label:<6}   peak vs mlx-lm at r_target: {d['peak'] / r['mlx_lm_rtarget']['peak']:.3f}x")
-        print(f"{label:<6}   rounds {d['rounds']}; traces {d['traces']} (widths {d['widths']}); "
-              f"{d['events']} growth events, median {d['event_seconds'] * 1e3:.1f} ms = "
-              f"{100 * d['event_seconds'] * d['events'] / d['run_seconds']:.2f}% of the run; "
-              f"statistics overhead at r_max width {100 * d['statistics_overhead']:+.1f}%; "
-              f"final mean rank {d['final_mean_rank']:.2f}")
+        for name, title in (("drlora", "DR-LoRA"), ("drlora_masked", "DR-LoRA masked")):
+            d = r[name]
+            print(f"{label:<6} {title + ' early (all at r_init)':<34} {d['step_early'] * 1e3:>9.1f} "
+                  f"{d['early_ratio_vs_rinit']:>7.3f}x {'':>9} (vs mlx-lm at r_init)")
+            print(f"{label:<6} {title + ' growth window':<34} {d['step_growth_window'] * 1e3:>9.1f} "
+                  f"{d['growth_ratio_vs_rmax']:>7.3f}x")
+            print(f"{label:<6} {title + ' at r_max width':<34} {d['step_at_rmax_width'] * 1e3:>9.1f} "
+                  f"{d['rmax_ratio_vs_rmax']:>7.3f}x {d['peak'] / 1e6:>9.1f} {d['peak'] / ref['peak']:>7.3f}x "
+                  f"{d['state'] / 1e6:>9.1f} {100 * d['state'] / d['peak']:>5.1f}%")
+            print(f"{label:<6}   peak vs mlx-lm at r_target: {d['peak'] / r['mlx_lm_rtarget']['peak']:.3f}x")
+            print(f"{label:<6}   rounds {d['rounds']}; traces {d['traces']} (widths {d['widths']}); "
+                  f"{d['events']} growth events, median {d['event_seconds'] * 1e3:.1f} ms = "
+                  f"{100 * d['event_seconds'] * d['events'] / d['run_seconds']:.2f}% of the run; "
+                  f"statistics overhead at r_max width {100 * d['statistics_overhead']:+.1f}%; "
+                  f"final mean rank {d['final_mean_rank']:.2f}")
     summary = {"shape": shape_name, "device": str(mx.default_device()), "tokens_per_step": batch * seq}
     for label, r in results.items():
         suffix = "_4bit" if label == "4bit" else ""
