@@ -113,12 +113,12 @@ class RankPool(nn.Module):
     def side_dims(self, side: str) -> int:
         return self[side].shape[1]
 
-    def tables(self) -> list[np.ndarray]:
-        return [np.array(m.slots) for m in self.members]
-
-    def used(self) -> int:
-        """Slots held by some module."""
-        return int(sum((t != self.null).sum() for t in self.tables()))
+    def write(self, name: str, slots, values) -> None:
+        """``name``'s rows ``slots`` set to ``values``, in a new array: whoever holds
+        the old one (a checkpoint being written, a step's snapshot) keeps its values."""
+        array = mx.array(self[name])
+        array[mx.array(np.asarray(slots, dtype=np.int32))] = values
+        self[name] = array
 
     def update_importance(self, grad_hidden: mx.array, grad_inner: mx.array, beta: float) -> None:
         """One EMA step of every slot's importance (inside the compiled step)."""
@@ -172,16 +172,13 @@ class RankPool(nn.Module):
         were; slots no table holds are cleared, so they stay zero."""
         for module, table in tables:
             module.slots = mx.array(np.asarray(table), dtype=mx.int32)
-        held = np.concatenate([t.ravel() for t in self.tables()])
+        held = np.concatenate([np.array(m.slots).ravel() for m in self.members])
         self._clear(np.setdiff1d(np.arange(self.capacity), held).tolist())
 
     def _clear(self, slots: list) -> None:
-        if not slots:
-            return
-        index = mx.array(np.asarray(slots, dtype=np.int32))
-        for side in SIDES:
-            self[side][index] = 0.0
-        self.importance[index] = 0.0
+        if slots:
+            for name in (*SIDES, "importance"):
+                self.write(name, slots, 0.0)
 
     def _initialise(self, module: "PooledLoRASwitchLinear", slots: list) -> None:
         """LoRA's init for new ranks: A uniform in +-1/sqrt(in), B zero."""
@@ -191,10 +188,9 @@ class RankPool(nn.Module):
         bound = 1 / math.sqrt(in_dims)
         key = _slot_key(self.seed, self.layer, int(slots[0]))
         values = mx.random.uniform(low=-bound, high=bound, shape=(len(slots), in_dims), key=key)
-        index = mx.array(np.asarray(slots, dtype=np.int32))
-        self[module.a_side][index] = values.astype(self[module.a_side].dtype)
-        self[module.b_side][index] = 0.0
-        self.importance[index] = 0.0
+        self.write(module.a_side, slots, values.astype(self[module.a_side].dtype))
+        self.write(module.b_side, slots, 0.0)
+        self.write("importance", slots, 0.0)
 
 
 class PooledLoRASwitchLinear(ExpertLoRA):
@@ -230,14 +226,14 @@ class PooledLoRASwitchLinear(ExpertLoRA):
     def set_rank_importance(self, importance: mx.array) -> None:
         table = np.array(self.slots)
         held = table != self.pool.null
-        self.pool.importance[mx.array(table[held])] = mx.array(np.asarray(importance)[held])
+        self.pool.write("importance", table[held], mx.array(np.asarray(importance)[held]))
 
     def reset_importance(self, experts) -> None:
         """Zero the importance EMAs of the experts marked in ``experts`` (E,) bool."""
         table = np.array(self.slots)[np.asarray(experts, dtype=bool)]
         slots = table[table != self.pool.null]
         if slots.size:
-            self.pool.importance[mx.array(slots)] = 0.0
+            self.pool.write("importance", slots, 0.0)
 
     def __call__(self, x, indices, sorted_indices=False):
         y = self.linear(x, indices, sorted_indices=sorted_indices)
@@ -265,7 +261,6 @@ class PooledLoRASwitchLinear(ExpertLoRA):
         experts, ranks_at = np.nonzero(table != self.pool.null)
         if experts.size == 0:
             return
-        e, j, slots = mx.array(experts), mx.array(ranks_at), mx.array(table[experts, ranks_at])
-        a_pool, b_pool = self.pool[self.a_side], self.pool[self.b_side]
-        a_pool[slots] = lora_a[e, j].astype(a_pool.dtype)
-        b_pool[slots] = lora_b[e, :, j].astype(b_pool.dtype)
+        e, j, slots = mx.array(experts), mx.array(ranks_at), table[experts, ranks_at]
+        self.pool.write(self.a_side, slots, lora_a[e, j].astype(self.pool[self.a_side].dtype))
+        self.pool.write(self.b_side, slots, lora_b[e, :, j].astype(self.pool[self.b_side].dtype))
