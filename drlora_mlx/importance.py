@@ -15,10 +15,18 @@ from __future__ import annotations
 import mlx.core as mx
 
 
+def row_sums(x: mx.array) -> mx.array:
+    """``x`` summed over its last axis, as a float32 product with a ones vector:
+    on MLX's CPU backend a matrix-vector product reads the array several times
+    faster than a sum reduction does (and a NaN or infinity still propagates)."""
+    x = x.astype(mx.float32)
+    return x @ mx.ones((x.shape[-1],), mx.float32)
+
+
 def rank_scores(lora_a: mx.array, lora_b: mx.array, grad_a: mx.array, grad_b: mx.array) -> mx.array:
     """s_j for every expert and rank: (E, r_max) from A (E, r, in) and B (E, out, r)."""
-    sa = mx.abs(grad_a * lora_a).astype(mx.float32).sum(axis=-1)
-    sb = mx.abs(grad_b * lora_b).astype(mx.float32).sum(axis=-2)
+    sa = row_sums(mx.abs(grad_a * lora_a))
+    sb = row_sums(mx.abs(grad_b * lora_b).swapaxes(-1, -2))
     return sa * sb
 
 

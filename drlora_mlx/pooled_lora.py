@@ -35,12 +35,14 @@ Invariants that make this exact and cheap:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .errors import InputError
+from .importance import row_sums
 from .masked_lora import ExpertLoRA
 
 SIDES = ("hidden", "inner")
@@ -54,9 +56,7 @@ class PoolFullError(InputError):
 def slot_scores(hidden: mx.array, inner: mx.array, grad_hidden: mx.array, grad_inner: mx.array) -> mx.array:
     """s_j (Eq. 6) of every slot: ||dL/da_j * a_j||_1 x ||dL/db_j * b_j||_1. The
     product is the same whichever part holds A, so it needs no table."""
-    sh = mx.abs(grad_hidden * hidden).astype(mx.float32).sum(axis=-1)
-    si = mx.abs(grad_inner * inner).astype(mx.float32).sum(axis=-1)
-    return sh * si
+    return row_sums(mx.abs(grad_hidden * hidden)) * row_sums(mx.abs(grad_inner * inner))
 
 
 @mx.custom_function
@@ -239,14 +239,17 @@ class PooledLoRASwitchLinear(ExpertLoRA):
         y = self.linear(x, indices, sorted_indices=sorted_indices)
         table = self.slots if self.width == self.r_max else self.slots[:, : self.width]
 
-        def lora(x, a_pool, b_pool, table, indices):
+        def project(x, pool, table, indices, transpose):
             # Integer inputs pass stop_gradient: the checkpoint's backward asks every input for a VJP.
             table, indices = mx.stop_gradient(table), mx.stop_gradient(indices)
-            a, b = gather_slots(a_pool, table), gather_slots(b_pool, table)  # (E, w, in), (E, w, out)
-            z = mx.gather_mm(x, a.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
-            return mx.gather_mm(z, b, rhs_indices=indices, sorted_indices=sorted_indices)
+            factor = gather_slots(pool, table)  # (E, w, dims)
+            factor = factor.swapaxes(-1, -2) if transpose else factor
+            return mx.gather_mm(x, factor, rhs_indices=indices, sorted_indices=sorted_indices)
 
-        z = mx.checkpoint(lora)(x, self.pool[self.a_side], self.pool[self.b_side], table, indices)
+        # Two checkpoints, so the backward regathers the factors but keeps z = A x (small) rather than
+        # computing it again.
+        z = mx.checkpoint(partial(project, transpose=True))(x, self.pool[self.a_side], table, indices)
+        z = mx.checkpoint(partial(project, transpose=False))(z, self.pool[self.b_side], table, indices)
         return y + (self.scale * z).astype(x.dtype)
 
     def masked_factors(self) -> tuple[mx.array, mx.array]:

@@ -34,6 +34,7 @@ from .errors import RunStopped
 from .data import Batches
 from .evaluate import test_loss
 from .growth import grow
+from .importance import row_sums
 from .optimizers import make_optimizer, needs_rank_guard
 from .progress import MetricsLog, Progress
 from .report import event_summary
@@ -240,8 +241,8 @@ class Trainer:
             scale = 1.0 / mx.maximum(self._all_sum(tokens), 1.0)
         (ce, n_tokens, routing), grads = self.loss_and_grad(self.model, batch, lengths, scale)
         grads = dict(tree_flatten(grads))  # flat {path: gradient}: saves and restores as is
-        # A NaN or infinity anywhere makes a sum non-finite: one reduction per gradient.
-        sums = mx.stack([ce] + [g.sum().astype(mx.float32) for g in grads.values()])
+        # A NaN or infinity anywhere makes a sum non-finite: one pass over each gradient.
+        sums = mx.stack([ce] + [row_sums(g.reshape(-1, g.shape[-1])).sum() for g in grads.values()])
         bad = mx.logical_not(mx.isfinite(sums.sum()))
         totals = self._all_sum(mx.stack([ce, n_tokens.astype(mx.float32), bad.astype(mx.float32)]))
         loss = totals[0] if whole else totals[0] / mx.maximum(totals[1], 1.0)
