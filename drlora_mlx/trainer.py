@@ -5,9 +5,10 @@ optimizer of ``optimizers``) in one compiled call, plus what DR-LoRA adds: the
 routing sums of the loss tokens come out of the forward pass, and at each
 optimizer update the rank importance and routing frequency EMAs are updated
 from the accumulated gradients and sums before the optimizer moves the factors.
-A non-finite loss or gradient is caught inside the graph (the update keeps the
-old parameters, optimizer state and statistics), so nothing is materialised
-between the gradient and the update. Growth events run between steps and
+A non-finite loss or gradient is caught inside the graph, which says whether
+its update stands; one that does not is undone by putting back the
+parameters, optimizer state and statistics it replaced. Nothing is
+materialised between the gradient and the update. Growth events run between steps and
 change values only (masks, slot tables), so they never retrace; new compiled
 steps are made only when the trained set changes (the router unfreezing after
 warm-up), the LoRA width moves to the next bucket (``DRLoRA.fit_width``), or

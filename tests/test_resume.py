@@ -236,3 +236,25 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(reference_run, tmp
     assert len(notes) == 1 and notes[0].startswith("skipped checkpoint ") and "is unreadable" in notes[0], notes
     assert "resuming from" in resumed.stdout and "step-0000030 at iteration 30" in resumed.stdout
     _assert_same_adapter(reference, out)
+
+
+def test_a_checkpoint_from_before_the_pooled_layout_resumes_masked(tiny_models, tmp_path, capsys):
+    """Checkpoints written before lora_layout existed hold every expert at r_max: they resume in the masked layout."""
+    path = tiny_models("qwen3_moe", shape=SHAPE)
+    out = tmp_path / "adapters"
+    base = ["train", "--model", str(path), "--adapter-path", str(out), "--batch-size", "4", "--r-init", "2",
+            "--r-target", "4", "--r-max", "8", "--save-every", "10", "--iters", "20", "--lora-layout", "masked"]
+    os.environ["DRLORA_MLX_FAULT_NAN_AT"] = "15"
+    try:
+        code, _, _ = run_cli(base, capsys)
+    finally:
+        del os.environ["DRLORA_MLX_FAULT_NAN_AT"]
+    assert code == 3
+    record = checkpoint.checkpoint_dir(out) / "step-0000010" / checkpoint.META
+    meta = json.loads(record.read_text())
+    del meta["settings"]["method"]["lora_layout"]
+    record.write_text(json.dumps(meta))
+    code, text, err = run_cli(["train", "--resume", "--adapter-path", str(out)], capsys)
+    assert code == 0, err
+    assert "resuming from" in text and "at iteration 10 of 20" in text and "(masked layout)" in text
+    assert json.loads((out / "drlora_config.json").read_text())["method"]["lora_layout"] == "masked"
