@@ -21,13 +21,12 @@ import numpy as np
 from .adapters import load_into, read_config
 from .config import ConfigError, TrainingArgs, resolve
 from .data import FEATURES, eval_batches
+from .loss import make_loss
 
 def test_loss(model, drlora, dataset, batch_size: int, max_seq_length: int, batches: int, world=None) -> float:
     """Mean next-token cross-entropy over the loss tokens of the first ``batches`` batches
     (-1: all) of ``dataset``; data-parallel processes (``world``) each take their rows of
     every batch and the sums are added over all of them."""
-    from .trainer import make_loss
-
     rank, size = (world.rank(), world.size()) if world is not None else (0, 1)
     was_training = model.training
     model.eval()

@@ -45,7 +45,8 @@ from drlora_mlx.attach import attach  # noqa: E402
 from drlora_mlx.config import DRLoRAConfig, TrainingArgs  # noqa: E402
 from drlora_mlx.data import eval_batches, load_datasets, read_jsonl  # noqa: E402
 from drlora_mlx.tiny import TinyShape  # noqa: E402
-from drlora_mlx.trainer import Trainer, make_loss  # noqa: E402
+from drlora_mlx.loss import make_loss  # noqa: E402
+from drlora_mlx.trainer import Trainer  # noqa: E402
 
 from experiment_base import Pretraining, pretrained_base  # noqa: E402
 from experiment_data import TASKS, write_task  # noqa: E402

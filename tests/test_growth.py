@@ -12,7 +12,8 @@ from drlora_mlx.config import TrainingArgs
 from drlora_mlx.growth import grow, module_saliency
 from drlora_mlx.report import event_summary
 from drlora_mlx.schedule import GrowthSchedule, grow as grow_ranks
-from drlora_mlx.trainer import Trainer, loss_mask, make_loss
+from drlora_mlx.loss import loss_mask, make_loss
+from drlora_mlx.trainer import Trainer
 
 from .helpers import attached, padded_batch, randomize_b
 

@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 
 from drlora_mlx import state
 from drlora_mlx.config import TrainingArgs
-from drlora_mlx.trainer import NonFiniteError, Trainer, make_loss
+from drlora_mlx.trainer import NonFiniteError, Trainer
 
 from .helpers import SHAPE, attached, heterogeneous_ranks, padded_batch, randomize_b
 from .reference import Reference, rank_scores
