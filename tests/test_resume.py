@@ -201,17 +201,22 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_unfinished_ones(tin
     assert code == 2 and "no checkpoint to resume" in err
 
 
+def _stopped_at_15(argv, capsys):
+    """Run the command line with a NaN at iteration 15: it stops with exit 3, checkpoint 10 written."""
+    os.environ["DRLORA_MLX_FAULT_NAN_AT"] = "15"
+    try:
+        code, _, _ = run_cli(argv, capsys)
+    finally:
+        del os.environ["DRLORA_MLX_FAULT_NAN_AT"]
+    assert code == 3
+
+
 def test_resume_names_the_mismatched_setting(tiny_models, tmp_path, capsys):
     path = tiny_models("qwen3_moe", shape=SHAPE)
     out = tmp_path / "adapters"
     base = ["train", "--model", str(path), "--adapter-path", str(out), "--batch-size", "4", "--r-init", "2",
             "--r-target", "4", "--r-max", "8", "--save-every", "10", "--iters", "40"]
-    os.environ["DRLORA_MLX_FAULT_NAN_AT"] = "15"
-    try:
-        code, _, _ = run_cli(base, capsys)
-    finally:
-        del os.environ["DRLORA_MLX_FAULT_NAN_AT"]
-    assert code == 3
+    _stopped_at_15(base, capsys)
     code, _, err = run_cli([*base, "--resume", "--r-max", "16"], capsys)
     assert code == 2
     assert err.strip() == ("drlora-mlx: error: the checkpoint was made with r_max=8, this run asks for r_max=16; "
@@ -244,12 +249,7 @@ def test_a_checkpoint_from_before_the_pooled_layout_resumes_masked(tiny_models, 
     out = tmp_path / "adapters"
     base = ["train", "--model", str(path), "--adapter-path", str(out), "--batch-size", "4", "--r-init", "2",
             "--r-target", "4", "--r-max", "8", "--save-every", "10", "--iters", "20", "--lora-layout", "masked"]
-    os.environ["DRLORA_MLX_FAULT_NAN_AT"] = "15"
-    try:
-        code, _, _ = run_cli(base, capsys)
-    finally:
-        del os.environ["DRLORA_MLX_FAULT_NAN_AT"]
-    assert code == 3
+    _stopped_at_15(base, capsys)
     record = checkpoint.checkpoint_dir(out) / "step-0000010" / checkpoint.META
     meta = json.loads(record.read_text())
     del meta["settings"]["method"]["lora_layout"]
