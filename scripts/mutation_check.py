@@ -1,16 +1,19 @@
-"""Do the method's tests fail when the method breaks? Four mutations, one at a time.
+"""Do the method's tests fail when the method breaks? Seven mutations, one at a time.
 
 Each mutation changes one line of the method in a copy of the package (the
 working tree is left alone) and runs the method's tests against that copy; a
 mutation is *killed* when at least one test fails.
 
-    python scripts/mutation_check.py            # all four, the method's test files
+    python scripts/mutation_check.py            # all seven, the method's test files
     python scripts/mutation_check.py --tests tests/test_growth.py
 
 (a) the importance EMAs of a module that grew are not reset;
 (b) the importance EMA keeps only the last step's score, g <- (1 - beta) s (its beta term dropped);
 (c) the saliency used for growth has no rank penalty (gamma = 0);
-(d) the routing frequency is tiled onto the wrong modules (expert e's f goes to other experts' modules).
+(d) the routing frequency is tiled onto the wrong modules (expert e's f goes to other experts' modules);
+(e) the pooled layout's importance EMA keeps only the last step's score;
+(f) the pooled layout's gradient goes to the neighbouring slot (its inverse table shifted by one);
+(g) a grown rank starts with a random B as well as a random A (growth no longer function-preserving).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_training_step.py", "tests/test_schedule.py", "tests/test_routing.py", "tests/test_families.py",
-         "tests/test_masked_lora.py", "tests/test_growth.py"]
+         "tests/test_masked_lora.py", "tests/test_pooled_lora.py", "tests/test_growth.py"]
 MUTATIONS = {
     "a: importance not reset after growth": (
         "drlora_mlx/growth.py", "        reset_importance(drlora, grown > 0)\n", "        pass\n"),
@@ -38,6 +41,15 @@ MUTATIONS = {
     "d: frequency tiled onto the wrong modules": (
         "drlora_mlx/growth.py", "np.tile(np.asarray(drlora.state.frequency), (1, len(drlora.targets)))",
         "np.repeat(np.asarray(drlora.state.frequency), len(drlora.targets), axis=1)"),
+    "e: pooled importance EMA replaced by the last value": (
+        "drlora_mlx/pooled_lora.py", "self.importance = beta * self.importance + (1.0 - beta) * scores",
+        "self.importance = (1.0 - beta) * scores"),
+    "f: pooled gradient in the neighbouring slot": (
+        "drlora_mlx/pooled_lora.py", "inverse.at[table.reshape(-1)].minimum(mx.arange(n, dtype=mx.int32))",
+        "inverse.at[table.reshape(-1)].minimum((mx.arange(n, dtype=mx.int32) + 1) % n)"),
+    "g: grown ranks start with a random B": (
+        "drlora_mlx/pooled_lora.py", "self.write(module.b_side, slots, 0.0)",
+        "self.write(module.b_side, slots, mx.random.uniform(shape=(len(slots), self.side_dims(module.b_side))))"),
 }
 
 
