@@ -154,3 +154,22 @@ def test_a_killed_process_stops_the_others_in_one_line_and_the_run_resumes(one_a
     assert want.keys() == got.keys()
     for k in want:
         assert np.array_equal(want[k], got[k]), k
+
+
+def test_without_accumulation_two_processes_follow_one(tiny_models, tmp_path):
+    """Each batch a whole optimizer step: the loss is scaled by the global token count before the
+    backward pass, in one process and across two alike."""
+    model = str(tiny_models("qwen3_moe", shape=SHAPE))
+    train = list(TRAIN)
+    train[train.index("--grad-accumulation-steps") + 1] = "1"
+    train[train.index("--iters") + 1] = "16"
+    single = _run([sys.executable, *train, "--model", model, "--adapter-path", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = _run([*LAUNCH, *train, "--model", model, "--adapter-path", str(tmp_path / "two")])
+    assert double.returncode == 0, (double.stdout[-2000:], double.stderr[-2000:])
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 16 and np.allclose(one, two, rtol=1e-4, atol=1e-5)
+    masks = [{k: v for k, v in _state(tmp_path / run).items() if k.endswith("rank_mask")} for run in ("one", "two")]
+    assert masks[0].keys() == masks[1].keys() and all(np.array_equal(masks[0][k], masks[1][k]) for k in masks[0])
+    assert np.concatenate([m.sum(-1) for m in masks[0].values()]).max() > 4  # growth happened
+    _assert_same_function(tmp_path / "one", tmp_path / "two")
