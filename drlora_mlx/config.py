@@ -24,7 +24,8 @@ from decimal import Decimal
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
-from .errors import InputError
+from .errors import ConfigError
+from .optimizer_choices import OPTIMIZER_CLASSES, check_optimizer_settings, check_schedule_block
 from .saliency import SALIENCY_MODES
 from .schedule import GrowthSchedule, auto_grow_every, auto_growth_buffer
 
@@ -35,15 +36,11 @@ ROUTING_SIGNALS = ("weight", "count")
 ALLOCATIONS = ("per-layer", "global")
 LORA_LAYOUTS = ("pooled", "masked")
 LR_SCHEDULES = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
+OPTIMIZERS = tuple(OPTIMIZER_CLASSES)
 # The router's full weights take larger steps than the LoRA factors at the same
 # learning rate; their default learning rate is this share of --learning-rate
 # (chosen by scripts/experiment.py's router ablation, see BENCHMARKS.md).
 ROUTER_LR_SCALE = 0.3
-
-
-class ConfigError(InputError):
-    """A setting out of range or of the wrong type; the message names it."""
 
 
 def _setting(default, text: str, **rules):
@@ -281,8 +278,6 @@ class TrainingArgs:
                                       "peers presumed lost.", at_least=1)
 
     def __post_init__(self):
-        from .optimizers import check_optimizer_settings, check_schedule_block  # (it imports this module)
-
         _fill_model_defaults(self, builtin=self.model is None)
         if self.router_learning_rate is None:
             object.__setattr__(self, "router_learning_rate", self.learning_rate * ROUTER_LR_SCALE)
@@ -294,7 +289,7 @@ class TrainingArgs:
         _check(self)
         if isinstance(self.lr_schedule, dict):
             check_schedule_block(self.lr_schedule)
-        check_optimizer_settings(self)
+        check_optimizer_settings(self.optimizer, self.optimizer_config, self.weight_decay)
         hf = [self.hf_dataset] if isinstance(self.hf_dataset, dict) else self.hf_dataset
         if hf is not None and (not isinstance(hf, list) or not hf or not all(isinstance(d, dict) for d in hf)):
             raise ConfigError("hf_dataset must be a mapping ({path: ..., train_split: ...}) or a list of them; "

@@ -24,5 +24,9 @@ class InputError(DRLoRAError, ValueError):
     exit_code = 2
 
 
+class ConfigError(InputError):
+    """A setting out of range or of the wrong type; the message names it."""
+
+
 class RunStopped(DRLoRAError):
     """A run stopped before its end for a reason that is not bad input."""
