@@ -23,11 +23,15 @@ def row_sums(x: mx.array) -> mx.array:
     return x @ mx.ones((x.shape[-1],), mx.float32)
 
 
+def row_scores(a_rows: mx.array, b_rows: mx.array, grad_a_rows: mx.array, grad_b_rows: mx.array) -> mx.array:
+    """s_j of every rank j whose A row and B column are rows j of ``a_rows`` and
+    ``b_rows`` (with their gradients): ||dL/da_j * a_j||_1 x ||dL/db_j * b_j||_1."""
+    return row_sums(mx.abs(grad_a_rows * a_rows)) * row_sums(mx.abs(grad_b_rows * b_rows))
+
+
 def rank_scores(lora_a: mx.array, lora_b: mx.array, grad_a: mx.array, grad_b: mx.array) -> mx.array:
     """s_j for every expert and rank: (E, r_max) from A (E, r, in) and B (E, out, r)."""
-    sa = row_sums(mx.abs(grad_a * lora_a))
-    sb = row_sums(mx.abs(grad_b * lora_b).swapaxes(-1, -2))
-    return sa * sb
+    return row_scores(lora_a, lora_b.swapaxes(-1, -2), grad_a, grad_b.swapaxes(-1, -2))
 
 
 def update_importance(module, grad_a: mx.array, grad_b: mx.array, beta: float) -> None:

@@ -42,7 +42,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import InputError
-from .importance import row_sums
+from .importance import row_scores
 from .masked_lora import ExpertLoRA
 
 SIDES = ("hidden", "inner")
@@ -51,12 +51,6 @@ SIDES = ("hidden", "inner")
 class PoolFullError(InputError):
     """More active ranks in a layer than its pool has slots (ranks from outside
     the run's own growth: a saved adapter or export made with other settings)."""
-
-
-def slot_scores(hidden: mx.array, inner: mx.array, grad_hidden: mx.array, grad_inner: mx.array) -> mx.array:
-    """s_j (Eq. 6) of every slot: ||dL/da_j * a_j||_1 x ||dL/db_j * b_j||_1. The
-    product is the same whichever part holds A, so it needs no table."""
-    return row_sums(mx.abs(grad_hidden * hidden)) * row_sums(mx.abs(grad_inner * inner))
 
 
 @mx.custom_function
@@ -122,7 +116,8 @@ class RankPool(nn.Module):
 
     def update_importance(self, grad_hidden: mx.array, grad_inner: mx.array, beta: float) -> None:
         """One EMA step of every slot's importance (inside the compiled step)."""
-        scores = slot_scores(self.hidden, self.inner, grad_hidden, grad_inner)
+        # s_j (Eq. 6) of every slot: the product is the same whichever part holds A, so it needs no table.
+        scores = row_scores(self.hidden, self.inner, grad_hidden, grad_inner)
         self.importance = beta * self.importance + (1.0 - beta) * scores
 
     # ----- handing out slots (between steps, on the host) ---------------------------
