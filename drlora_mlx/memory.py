@@ -35,7 +35,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import DRLoRAConfig, Ranks
+from .masked_lora import ExpertLoRA
 from .modelio import ModelError
+from .pooled_lora import RankPool
 
 # A run "fits" when its estimate stays under this share of what the machine can
 # give: the rest is the system, other processes and MLX's buffer cache.
@@ -101,9 +103,6 @@ def _bytes(tree) -> int:
 def _base_weight_bytes(model: nn.Module) -> int:
     """Every parameter, less the LoRA arrays of adapter layers wrapped around a
     base layer and the pooled layout's rank pools."""
-    from .masked_lora import ExpertLoRA
-    from .pooled_lora import RankPool
-
     total = _bytes(model.parameters())
     for _, module in model.named_modules():
         if isinstance(module, RankPool):

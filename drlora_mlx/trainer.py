@@ -265,7 +265,7 @@ class Trainer:
         An update that does not stand is undone by putting the arrays it replaced back: the
         compiled step decides, and no pass over the state is spent on keeping them."""
         may_skip = mx.array(self.skipped < self.args.skip_nonfinite)
-        before = _snapshot(self._state()) if update else None
+        before = tree_map(lambda x: x, self._state()) if update else None  # containers copied, arrays shared
         out = self._compiled(update)(mx.array(batch), mx.array(lengths), self.accum, may_skip)
         if not update:
             mx.eval(out)
@@ -458,15 +458,6 @@ class Trainer:
             f"{tokens_per_second:,.0f} tok/s | peak {peak:.2f} GB | mean rank {self.mean_rank:.2f}"
         )
         self.last_tps = tokens_per_second
-
-
-def _snapshot(tree):
-    """The containers of ``tree`` copied, its arrays shared: what ``_put_back`` restores."""
-    if isinstance(tree, dict):
-        return {k: _snapshot(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_snapshot(v) for v in tree]
-    return tree
 
 
 def _put_back(tree, before) -> None:
