@@ -16,7 +16,7 @@ from dataclasses import fields
 
 import click
 
-from .config import DRLoRAConfig, TrainingArgs, read_yaml, resolve
+from .config.settings import DRLoRAConfig, TrainingArgs, read_yaml, resolve
 from .errors import DRLoRAError, InputError
 
 EXIT_BAD_INPUT = InputError.exit_code
@@ -80,9 +80,9 @@ def cli():
 
 
 def _train(ctx: click.Context, config_file: str | None, **_):
-    from .runlock import holding
-    from .start import decide
-    from .train import launched_world, run
+    from .training.lock import holding
+    from .training.start import decide
+    from .training.run import launched_world, run
 
     given = _given(ctx)
     given.pop("config_file", None)
@@ -145,7 +145,7 @@ def _plan(ctx: click.Context, layers: int | None, experts: int | None, model: st
     config = DRLoRAConfig(**method)
     memory = None
     if model is not None:
-        from .memory import memory_plan
+        from .training.memory import memory_plan
 
         args = TrainingArgs(model=model, **{k: v for k, v in given.items() if k in _PLAN_MEMORY + ("iters",)})
         memory = memory_plan(model, config, args.batch_size, args.max_seq_length, args.grad_checkpoint)
@@ -256,9 +256,9 @@ cli.add_command(_make_plan_command())
 @click.option("--png", "png_path", type=str, default=None, help="Also write a heatmap image (layers x experts per projection).")
 def ranks(adapter_path, as_json, png_path):
     """Show the active rank of every expert module of a trained adapter."""
-    from .adapters import read_ranks
-    from .png import rank_heatmap_png
-    from .progress import rank_heatmap
+    from .formats.adapters import read_ranks
+    from .display.png import rank_heatmap_png
+    from .display.progress import rank_heatmap
 
     info = read_ranks(adapter_path)
     if as_json:
@@ -286,7 +286,7 @@ def ranks(adapter_path, as_json, png_path):
 @click.option("--out", default=None, help="The PNG to write (default: <adapter-path>/training.png).")
 def plot(adapter_path, out):
     """Plot the training and validation loss and the mean rank over the steps of a run (its metrics.jsonl)."""
-    from .progress import plot_training
+    from .display.progress import plot_training
 
     click.echo(f"wrote {plot_training(adapter_path, out)}")
 
@@ -304,7 +304,7 @@ def export(adapter_path, out, fmt, layout, as_json):
     """Export a trained adapter for PEFT / transformers (and from there vLLM, TGI, the Hub)."""
     from dataclasses import asdict
 
-    from .export import export_peft
+    from .formats.peft import export_peft
 
     report = export_peft(adapter_path, out, layout)
     if as_json:
@@ -322,14 +322,14 @@ def export(adapter_path, out, fmt, layout, as_json):
               help="Quantize the merged layers again with the base's settings; prints the error it introduces.")
 def fuse(model, adapter_path, save_path, dequantize, requantize):
     """Merge the adapter (and a trained router) into the base model and save it."""
-    from .fuse import fuse as fuse_model
+    from .formats.fuse import fuse as fuse_model
 
     click.echo(fuse_model(model, adapter_path, save_path, dequantize=dequantize, requantize=requantize).summary())
 
 
 def _evaluate(ctx: click.Context, config_file: str | None, **_):
-    from .evaluate import evaluate_adapter, evaluation_settings
-    from .train import launched_world
+    from .training.evaluate import evaluate_adapter, evaluation_settings
+    from .training.run import launched_world
 
     given = _given(ctx)
     given.pop("config_file", None)

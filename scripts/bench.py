@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drlora_mlx.linux_blas import reexec_with_openblas  # noqa: E402
+from linux_blas import reexec_with_openblas  # noqa: E402
 
 reexec_with_openblas()
 
@@ -42,10 +42,10 @@ from mlx_lm import load as mlx_lm_load  # noqa: E402
 from mlx_lm.tuner.trainer import default_loss  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
-from drlora_mlx.attach import attach  # noqa: E402
-from drlora_mlx.config import DRLoRAConfig, TrainingArgs  # noqa: E402
-from drlora_mlx.tiny import TinyShape, tiny_model_path  # noqa: E402
-from drlora_mlx.trainer import Trainer  # noqa: E402
+from drlora_mlx.lora.attach import attach  # noqa: E402
+from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs  # noqa: E402
+from drlora_mlx.formats.tiny import TinyShape, tiny_model_path  # noqa: E402
+from drlora_mlx.training.trainer import Trainer  # noqa: E402
 
 SHAPES = {
     # hidden, layers, experts, top-k, expert dim; batch x sequence; bases (None: float, else bits)

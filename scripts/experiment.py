@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drlora_mlx.linux_blas import reexec_with_openblas  # noqa: E402
+from linux_blas import reexec_with_openblas  # noqa: E402
 
 reexec_with_openblas()
 
@@ -41,12 +41,13 @@ import numpy as np  # noqa: E402
 from mlx_lm import load as mlx_lm_load  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-from drlora_mlx.attach import attach  # noqa: E402
-from drlora_mlx.config import DRLoRAConfig, TrainingArgs  # noqa: E402
-from drlora_mlx.data import eval_batches, load_datasets, read_jsonl  # noqa: E402
-from drlora_mlx.tiny import TinyShape  # noqa: E402
-from drlora_mlx.loss import make_loss  # noqa: E402
-from drlora_mlx.trainer import Trainer  # noqa: E402
+from drlora_mlx.lora.attach import attach  # noqa: E402
+from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs  # noqa: E402
+from drlora_mlx.data.batches import eval_batches  # noqa: E402
+from drlora_mlx.data.loading import load_datasets, read_jsonl  # noqa: E402
+from drlora_mlx.formats.tiny import TinyShape  # noqa: E402
+from drlora_mlx.training.loss import make_loss  # noqa: E402
+from drlora_mlx.training.trainer import Trainer  # noqa: E402
 
 from experiment_base import Pretraining, pretrained_base  # noqa: E402
 from experiment_data import TASKS, write_task  # noqa: E402

@@ -1,6 +1,6 @@
 """The experiment's base model: a tiny Qwen3-MoE, pretrained on four text domains.
 
-``pretrained_base`` builds the checkpoint with ``drlora_mlx.tiny.build_tiny``,
+``pretrained_base`` builds the checkpoint with ``drlora_mlx.formats.tiny.build_tiny``,
 replaces its tokenizer by one trained on the corpus, trains every weight of it
 (AdamW, a compiled step, next-token loss plus the usual small load-balancing
 loss of MoE pretraining) and saves it, once per setting: reruns find it in the
@@ -26,7 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from drlora_mlx.tiny import TinyShape, build_tiny, build_tokenizer
+from drlora_mlx.formats.tiny import TinyShape, build_tiny, build_tokenizer
 
 from experiment_data import DOMAINS, corpus
 
@@ -203,7 +203,7 @@ def specialisation(model, tokens: dict[str, np.ndarray], windows: int = 48, leng
 
 
 def _cache_dir() -> Path:
-    from drlora_mlx.tiny import cache_dir
+    from drlora_mlx.formats.tiny import cache_dir
 
     return cache_dir()
 

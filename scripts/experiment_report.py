@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drlora_mlx.png import heatmap_png, line_chart_png
+from drlora_mlx.display.png import heatmap_png, line_chart_png
 
 ARM_LABELS = {
     "lora_r_target": "LoRA r_target (same budget)",

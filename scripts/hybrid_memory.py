@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drlora_mlx.linux_blas import reexec_with_openblas  # noqa: E402
+from linux_blas import reexec_with_openblas  # noqa: E402
 
 reexec_with_openblas()
 
@@ -28,12 +28,12 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm import load as mlx_lm_load  # noqa: E402
 
-from drlora_mlx.attach import attach  # noqa: E402
-from drlora_mlx.config import DRLoRAConfig, TrainingArgs  # noqa: E402
+from drlora_mlx.lora.attach import attach  # noqa: E402
+from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs  # noqa: E402
 from drlora_mlx.families import FAMILIES  # noqa: E402
 from drlora_mlx.families.spec import TinyShape  # noqa: E402
-from drlora_mlx.tiny import build_tiny  # noqa: E402
-from drlora_mlx.trainer import Trainer  # noqa: E402
+from drlora_mlx.formats.tiny import build_tiny  # noqa: E402
+from drlora_mlx.training.trainer import Trainer  # noqa: E402
 
 SHAPE = TinyShape(hidden=256, layers=4, experts=16, top_k=2, expert_dim=128, heads=8, kv_heads=2, vocab=512)
 # (family, how the attention-only counterpart differs)

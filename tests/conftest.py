@@ -16,7 +16,7 @@ def offline_and_isolated(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """tiny_models(family, shape=..., quantize_bits=..., layout=...) -> checkpoint path, built once per session."""
-    from drlora_mlx.tiny import TinyShape, build_tiny
+    from drlora_mlx.formats.tiny import TinyShape, build_tiny
 
     root = tmp_path_factory.mktemp("models")
     built = {}

@@ -12,11 +12,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from drlora_mlx.attach import attach
-from drlora_mlx.config import DRLoRAConfig
-from drlora_mlx.data import bundled_data_dir, load_datasets
-from drlora_mlx.config import TrainingArgs
-from drlora_mlx.trainer import Trainer
+from drlora_mlx.lora.attach import attach
+from drlora_mlx.config.settings import DRLoRAConfig
+from drlora_mlx.data.loading import bundled_data_dir, load_datasets
+from drlora_mlx.config.settings import TrainingArgs
+from drlora_mlx.training.trainer import Trainer
 
 
 def main(model_path: str, out: str) -> None:

@@ -4,9 +4,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm import load as mlx_lm_load
 
-from drlora_mlx.attach import attach
-from drlora_mlx.config import DRLoRAConfig
-from drlora_mlx.tiny import TinyShape
+from drlora_mlx.lora.attach import attach
+from drlora_mlx.config.settings import DRLoRAConfig
+from drlora_mlx.formats.tiny import TinyShape
 
 # Three decoder layers, so DeepSeek-style models (first layer dense) keep two MoE layers.
 SHAPE = TinyShape(layers=3)

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from drlora_mlx.tree import module_at, replace_module
+from drlora_mlx.lora.tree import module_at, replace_module
 
 F64 = mx.float64
 

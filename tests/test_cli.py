@@ -12,9 +12,9 @@ import pytest
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from drlora_mlx.adapters import load as drlora_load
+from drlora_mlx.formats.adapters import load as drlora_load
 from drlora_mlx.cli import main
-from drlora_mlx.data import bundled_data_dir
+from drlora_mlx.data.loading import bundled_data_dir
 
 from .helpers import SHAPE, padded_batch
 
@@ -249,8 +249,8 @@ def _assert_bit_identical(a, b):
 
 
 def test_python_api_and_cli_train_the_same_adapter(tiny_models, tmp_path, capsys, monkeypatch):
-    from drlora_mlx.config import DRLoRAConfig, TrainingArgs
-    from drlora_mlx.train import run
+    from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs
+    from drlora_mlx.training.run import run
 
     # The built-in default: `drlora-mlx train` and `run(TrainingArgs(), DRLoRAConfig())`.
     monkeypatch.chdir(tmp_path)

@@ -10,8 +10,8 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from tokenizers import Tokenizer, processors
 
-from drlora_mlx.data import DataError, bundled_data_dir, fingerprint, load_datasets, read_jsonl
-from drlora_mlx.tiny import SPECIAL_TOKENS, build_tokenizer, builtin_model_path
+from drlora_mlx.data.loading import DataError, bundled_data_dir, fingerprint, load_datasets, read_jsonl
+from drlora_mlx.formats.tiny import SPECIAL_TOKENS, build_tokenizer, builtin_model_path
 
 from .test_cli import read_metrics, run_cli
 

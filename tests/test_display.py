@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import drlora_mlx.progress as progress
-from drlora_mlx.progress import Progress
+import drlora_mlx.display.progress as progress
+from drlora_mlx.display.progress import Progress
 
 from .test_cli import read_metrics, run_cli
 

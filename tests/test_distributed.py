@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from drlora_mlx import checkpoint
-from drlora_mlx.adapters import load as drlora_load
+from drlora_mlx.training import checkpoint
+from drlora_mlx.formats.adapters import load as drlora_load
 
 from .helpers import SHAPE
 

@@ -7,7 +7,7 @@ import pkgutil
 import pytest
 
 import drlora_mlx
-from drlora_mlx import train as train_job
+from drlora_mlx.training import run as train_job
 from drlora_mlx.errors import DRLoRAError, InputError, RunStopped
 
 from .test_cli import run_cli
@@ -49,7 +49,7 @@ def test_the_cli_turns_each_input_error_into_one_line_and_exit_2(cls, monkeypatc
 
 
 def test_runs_stopped_for_other_reasons_keep_their_exit_codes(monkeypatch, capsys, tmp_path):
-    from drlora_mlx.trainer import DivergenceError, NonFiniteError
+    from drlora_mlx.training.trainer import DivergenceError, NonFiniteError
 
     for error, code, line in [
         (NonFiniteError(5, 3, float("nan")), 3, "drlora-mlx: error: non-finite loss or gradient at iteration 5"),

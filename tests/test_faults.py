@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 
-from drlora_mlx import checkpoint
+from drlora_mlx.training import checkpoint
 
 from .test_resume import _assert_same_adapter, _cli, _train_records, _wait_for, reference_run  # noqa: F401
 
@@ -189,7 +189,7 @@ def test_an_incomplete_download_says_what_to_do(tiny_models, tmp_path):
 
 
 def test_data_that_changed_since_the_checkpoint_is_refused_on_resume(tiny_models, tmp_path):
-    from drlora_mlx.data import bundled_data_dir
+    from drlora_mlx.data.loading import bundled_data_dir
 
     from .helpers import SHAPE
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from drlora_mlx.cli import main
-from drlora_mlx.config import TrainingArgs
-from drlora_mlx.growth import grow, module_saliency
-from drlora_mlx.report import event_summary
-from drlora_mlx.schedule import GrowthSchedule, grow as grow_ranks
-from drlora_mlx.loss import loss_mask, make_loss
-from drlora_mlx.trainer import Trainer
+from drlora_mlx.config.settings import TrainingArgs
+from drlora_mlx.method.growth import grow, module_saliency
+from drlora_mlx.display.report import event_summary
+from drlora_mlx.method.schedule import GrowthSchedule, grow as grow_ranks
+from drlora_mlx.training.loss import loss_mask, make_loss
+from drlora_mlx.training.trainer import Trainer
 
 from .helpers import attached, padded_batch, randomize_b
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from drlora_mlx.adapters import load as drlora_load
+from drlora_mlx.formats.adapters import load as drlora_load
 from drlora_mlx.families import FAMILIES
 
 from .helpers import SHAPE

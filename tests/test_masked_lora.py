@@ -7,7 +7,7 @@ import pytest
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 from mlx_lm.tuner.lora import LoRASwitchLinear
 
-from drlora_mlx.masked_lora import MaskedLoRASwitchLinear
+from drlora_mlx.lora.masked import MaskedLoRASwitchLinear
 
 E, IN, OUT, R = 8, 64, 48, 6
 

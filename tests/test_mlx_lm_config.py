@@ -18,14 +18,14 @@ from mlx_lm import load as mlx_lm_load
 from mlx_lm.tuner import callbacks
 from mlx_lm.tuner.lora import LoRALinear
 
-from drlora_mlx import train as train_module
-from drlora_mlx.adapters import load as drlora_load
-from drlora_mlx.attach import attach
-from drlora_mlx.config import ConfigError, DRLoRAConfig, TrainingArgs, read_yaml, resolve
-from drlora_mlx.data import bundled_data_dir
-from drlora_mlx.optimizers import OPTIMIZER_CLASSES, learning_rate_schedule, needs_rank_guard, optimizer_kwargs
-from drlora_mlx.tiny import TinyShape
-from drlora_mlx.trainer import Trainer
+from drlora_mlx.training import run as train_module
+from drlora_mlx.formats.adapters import load as drlora_load
+from drlora_mlx.lora.attach import attach
+from drlora_mlx.config.settings import ConfigError, DRLoRAConfig, TrainingArgs, read_yaml, resolve
+from drlora_mlx.data.loading import bundled_data_dir
+from drlora_mlx.training.optimizers import OPTIMIZER_CLASSES, learning_rate_schedule, needs_rank_guard, optimizer_kwargs
+from drlora_mlx.formats.tiny import TinyShape
+from drlora_mlx.training.trainer import Trainer
 
 from .helpers import SHAPE, attached, heterogeneous_ranks, padded_batch, randomize_b
 from .reference import Reference

@@ -11,18 +11,18 @@ from mlx_lm import load as mlx_lm_load
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import _get_classes, quantize_model
 
-from drlora_mlx import memory
-from drlora_mlx.attach import attach
-from drlora_mlx.config import ConfigError, DRLoRAConfig
+from drlora_mlx.training import memory
+from drlora_mlx.lora.attach import attach
+from drlora_mlx.config.settings import ConfigError, DRLoRAConfig
 from drlora_mlx.families.spec import TinyShape
-from drlora_mlx.memory import (
+from drlora_mlx.training.memory import (
     PeakEstimate,
     memory_warning,
     model_from_config,
     model_shape,
     uniform_lora_state_bytes,
 )
-from drlora_mlx.tiny import TINY_FAMILIES, _init_weights, family_config
+from drlora_mlx.formats.tiny import TINY_FAMILIES, _init_weights, family_config
 
 from .helpers import SHAPE
 from .test_cli import run_cli

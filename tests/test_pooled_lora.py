@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from drlora_mlx.config import TrainingArgs
-from drlora_mlx.pooled_lora import PoolFullError
-from drlora_mlx.trainer import Trainer
+from drlora_mlx.config.settings import TrainingArgs
+from drlora_mlx.lora.pooled import PoolFullError
+from drlora_mlx.training.trainer import Trainer
 
 from .helpers import attached, budget_ranks, padded_batch, randomize_b
 

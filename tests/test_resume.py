@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from mlx_lm import load as mlx_lm_load
 
-from drlora_mlx import checkpoint
-from drlora_mlx.adapters import mlx_lm_adapter
-from drlora_mlx.attach import attach
-from drlora_mlx.config import DRLoRAConfig
-from drlora_mlx.data import bundled_data_dir, load_datasets
-from drlora_mlx.config import TrainingArgs
-from drlora_mlx.trainer import Trainer
+from drlora_mlx.training import checkpoint
+from drlora_mlx.formats.adapters import mlx_lm_adapter
+from drlora_mlx.lora.attach import attach
+from drlora_mlx.config.settings import DRLoRAConfig
+from drlora_mlx.data.loading import bundled_data_dir, load_datasets
+from drlora_mlx.config.settings import TrainingArgs
+from drlora_mlx.training.trainer import Trainer
 
 from .helpers import SHAPE
 from .test_cli import run_cli

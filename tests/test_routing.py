@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from drlora_mlx.families import FAMILIES
-from drlora_mlx.loss import make_loss
-from drlora_mlx.trainer import grad_checkpoint
-from drlora_mlx.tree import module_at, replace_module
+from drlora_mlx.training.loss import make_loss
+from drlora_mlx.training.trainer import grad_checkpoint
+from drlora_mlx.lora.tree import module_at, replace_module
 
 from .helpers import attached, loss_token_mask, padded_batch
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from drlora_mlx.cli import main
-from drlora_mlx.config import DRLoRAConfig
-from drlora_mlx.saliency import module_importance, saliency
-from drlora_mlx.schedule import GrowthSchedule, ScheduleError, allocate, delivered, grow, walk
+from drlora_mlx.config.settings import DRLoRAConfig
+from drlora_mlx.method.saliency import module_importance, saliency
+from drlora_mlx.method.schedule import GrowthSchedule, ScheduleError, allocate, delivered, grow, walk
 
 PAPER = dict(total_steps=38000, n_modules=128, r_init=32, r_max=128, r_target=64,
              warmup_ratio=0.03, grow_every=200, growth_buffer=200, grow_fraction=0.1)

@@ -5,7 +5,7 @@ import json
 
 from mlx_lm import load as mlx_lm_load
 
-from drlora_mlx.tiny import TinyShape, build_tiny, tiny_model_path
+from drlora_mlx.formats.tiny import TinyShape, build_tiny, tiny_model_path
 
 
 def _digest(path):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from drlora_mlx import state
-from drlora_mlx.config import TrainingArgs
-from drlora_mlx.trainer import NonFiniteError, Trainer
+from drlora_mlx.lora import codec
+from drlora_mlx.config.settings import TrainingArgs
+from drlora_mlx.training.trainer import NonFiniteError, Trainer
 
 from .helpers import SHAPE, attached, heterogeneous_ranks, padded_batch, randomize_b
 from .reference import Reference, rank_scores
@@ -168,7 +168,7 @@ def _everything(trainer):
     """Every array a step can change: trainable parameters, optimizer state, statistics."""
     arrays = {f"param.{k}": v for k, v in tree_flatten(trainer.model.trainable_parameters())}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(trainer.optimizer.state)})
-    arrays.update({f"state.{k}": v for k, v in state.encode(trainer.drlora).items()})
+    arrays.update({f"state.{k}": v for k, v in codec.encode(trainer.drlora).items()})
     return {k: np.array(v) for k, v in arrays.items()}
 
 

@@ -1,0 +1,1 @@
+"""Settings: one source for the command line, YAML files and the Python API."""

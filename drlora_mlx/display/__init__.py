@@ -1,0 +1,1 @@
+"""Display: the progress panel, reports, plots and PNG images."""

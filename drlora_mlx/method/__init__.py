@@ -1,0 +1,1 @@
+"""The method: the equations of DR-LoRA, checkable on their own (no I/O, no display)."""

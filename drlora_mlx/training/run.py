@@ -1,0 +1,369 @@
+"""One training run, start to finish: model, data, adapter, loop, outputs.
+
+``run(args, config)`` is what ``drlora-mlx train`` does; the CLI only parses.
+Without ``args.model`` it trains the built-in tiny MoE (made and cached on
+first use) on the bundled tasks, offline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import checkpoint
+from . import faults
+from .adapter_start import start_from_adapter_file
+from ..formats.adapters import save_adapter
+from ..lora.attach import attach
+from ..config.settings import DRLoRAConfig, TrainingArgs, run_settings
+from .checkpoint import CheckpointError
+from ..data.loading import FEATURES, bundled_data_dir, check_lengths, fingerprint, load_datasets
+from ..errors import InputError, RunStopped
+from ..files import StorageError
+from ..formats.peft import import_peft
+from .memory import available_bytes, estimate_peak_bytes, memory_warning
+from ..formats.base_model import load_base
+from ..display.progress import MetricsLog, Progress
+from ..display.report import run_summary
+from .lock import holding
+from .start import Start, decide
+from ..formats.tiny import BUILTIN_FAMILY, builtin_model_path
+from .trainer import Trainer, TrainResult
+
+
+class Interrupted(RunStopped):
+    """The run stopped on a signal after writing a checkpoint."""
+
+    label = ""
+
+    def __init__(self, signum: int, iteration: int, adapter_path: Path):
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} at iteration {iteration}: checkpoint written; continue with "
+            f"drlora-mlx train --resume --adapter-path {adapter_path}"
+        )
+        self.exit_code = 128 + signum
+
+
+def _clear_finished_run(adapter_path: Path) -> None:
+    if not adapter_path.exists():
+        return
+    shutil.rmtree(checkpoint.checkpoint_dir(adapter_path), ignore_errors=True)
+    (adapter_path / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def _barrier(world) -> None:
+    if world is not None:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world, stream=mx.cpu))
+
+
+@contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGINT / SIGTERM finish the current iteration, then stop the loop; a
+    second signal stops at once (the last checkpoint stays as it was)."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        trainer.stop_requested = True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            if signal.getsignal(s) is handler:  # (a handler the run replaced on its way out stays)
+                signal.signal(s, h)
+
+
+class PeerLost(RunStopped):
+    """A data-parallel process is gone; the others stop instead of waiting for it."""
+
+    exit_code = 6
+
+    def __init__(self, who: str, iteration: int, last: str):
+        super().__init__(f"{who} is gone (its connection was lost after iteration {iteration}), so this run "
+                         f"stopped; {last} (with any number of processes)")
+
+
+def _peer_table(world) -> mx.array:
+    """(processes, 2): every process's id and a hash of its host name."""
+    me = mx.array([os.getpid(), zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF], dtype=mx.int32)
+    return mx.distributed.all_gather(me[None], group=world, stream=mx.cpu)
+
+
+class _Run:
+    """The pieces of one run, put together step by step by ``run``."""
+
+    def __init__(self, args: TrainingArgs, config: DRLoRAConfig, world, out, start: Start):
+        self.args, self.config, self.world, self.start = args, config, world, start
+        self.rank = world.rank() if world is not None else 0
+        out = out or (lambda line: print(line, flush=True))
+        self.say = out if self.rank == 0 else (lambda line: None)
+        self.adapter_path = Path(args.adapter_path)
+        self.model_name = args.model or str(builtin_model_path())
+        # A Hugging Face dataset replaces the bundled tasks, as it replaces --data.
+        self.data = args.data or (None if args.hf_dataset else str(bundled_data_dir()))
+        self.saved_at: list[int] = []
+        self.reporter = None
+
+    def sources(self) -> None:
+        """Say where the run starts and what it trains on."""
+        for note in self.start.notes:
+            self.say(note)
+        if self.args.model is None:
+            self.say(f"No --model given: training the built-in tiny {BUILTIN_FAMILY} ({self.model_name})")
+        if self.data is not None and self.args.data is None:
+            self.say(f"No --data given: using the bundled tasks ({self.data})")
+        if self.world is not None:
+            size = self.world.size()
+            self.peers = np.asarray(_peer_table(self.world))
+            self.say(f"data-parallel over {size} processes: each takes {self.args.batch_size // size} of the "
+                     f"{self.args.batch_size} examples of every batch")
+        if self.rank == 0:
+            self.reporter = reporting_callback(self.args, self.config)
+
+    def load(self) -> None:
+        """The model with its adapter attached (or imported from a PEFT export), and the data."""
+        args = self.args
+        self.model, tokenizer = load_base(self.model_name, trust_remote_code=args.trust_remote_code)
+        mx.random.seed(args.seed)
+        if self.start.kind == "warm":
+            # A new run that starts from the exported adapter's weights and ranks.
+            self.drlora = import_peft(self.model, self.start.source, self.start.meta)
+            self.say(f"starting from the PEFT export {self.start.source} (its ranks and weights; statistics start "
+                     "afresh)")
+        else:
+            self.drlora = attach(self.model, self.config, seed=args.seed)
+        if args.resume_adapter_file and self.start.kind == "warm":
+            raise InputError("resume_from (a PEFT export) and resume_adapter_file both give starting weights; give one")
+        if args.resume_adapter_file and self.start.kind == "fresh":  # a resumed run has the weights already
+            for note in start_from_adapter_file(self.drlora, args.resume_adapter_file):
+                self.say(note)
+            self.say(f"starting from the mlx-lm adapter {args.resume_adapter_file} (its weights fill the first ranks; "
+                     "statistics and optimizer start afresh)")
+        features = {name: getattr(args, name) for name in FEATURES}
+        notes: list[str] = []
+        self.train_set, self.valid_set, self.test_set = load_datasets(self.data, tokenizer, args.mask_prompt,
+                                                                      need_test=args.test, features=features,
+                                                                      hf_dataset=args.hf_dataset, notes=notes)
+        for note in notes:
+            self.say(note)
+        truncated = check_lengths(self.train_set, args.max_seq_length)
+        if truncated:
+            self.say(f"warning: {truncated} training examples are longer than --max-seq-length "
+                     f"{args.max_seq_length} and will be truncated")
+        self.data_sha256 = fingerprint(self.train_set)
+
+    def prepare(self) -> None:
+        """The trainer, what it will do, and the state it starts from."""
+        args, drlora = self.args, self.drlora
+        self.say(drlora.report())
+        self.trainer = Trainer(self.model, drlora, args, progress=Progress(args.iters, enabled=self.rank == 0),
+                               world=self.world, reporter=self.reporter)
+        schedule = self.trainer.schedule
+        if self.config.method == "drlora":
+            self.say(
+                f"growth: {schedule.event_count} events every {schedule.grow_every} optimizer steps from step "
+                f"{schedule.warmup_steps} to {schedule.end_step}, {schedule.quota} ranks per layer per event, "
+                f"budget {schedule.budget} per layer (exhausted at step {schedule.budget_exhausted_step()})"
+            )
+        longest = max(len(self.train_set[i][0]) for i in range(len(self.train_set)))
+        estimate = estimate_peak_bytes(self.model, drlora, args.batch_size, min(longest, args.max_seq_length),
+                                       args.grad_checkpoint)
+        warning = memory_warning(estimate, available_bytes())
+        if warning:
+            self.say(warning)
+        if self.start.kind == "resume":
+            recorded = self.start.meta.get("data_sha256")
+            if recorded is not None and recorded != self.data_sha256:
+                raise CheckpointError(
+                    f"the training data in {self.data or 'hf_dataset'} is not the data the checkpoint "
+                    f"{self.start.source} was trained "
+                    "on (its examples changed); resume with the same data or train into a new --adapter-path"
+                )
+            self.trainer.restore(self.start.arrays, self.start.meta)
+            self.say(f"resuming from {self.start.source} at iteration {self.trainer.iteration} of {args.iters}")
+        else:
+            _barrier(self.world)  # every process has checked the output folder before it changes
+            if self.rank == 0:
+                _clear_finished_run(self.adapter_path)
+        if self.rank == 0:
+            self.adapter_path.mkdir(parents=True, exist_ok=True)
+        self.trainer.metrics = MetricsLog(self.adapter_path / "metrics.jsonl", enabled=self.rank == 0)
+
+    def save_adapter(self) -> dict:
+        """The adapter as it is now (process 0 only); what was written."""
+        training = {**self.args.to_dict(), "model": self.model_name, "data": self.data}
+        return save_adapter(self.drlora, self.adapter_path, self.model_name, training=training)
+
+    def save(self, iteration: int) -> None:
+        """The adapter and a checkpoint of ``iteration``; a write the disk refuses ends the run with
+        one line, the newest complete checkpoint as it was."""
+        arrays, meta = self.trainer.checkpoint_state()
+        mx.eval(arrays)  # collectives are lazy: every process must evaluate its part
+        if self.rank == 0:
+            try:
+                self.save_adapter()
+                checkpoint.save(self.adapter_path, iteration, arrays,
+                                {**meta, "settings": run_settings(self.args, self.config),
+                                 "data_sha256": self.data_sha256},
+                                keep=self.args.keep_checkpoints)
+            except StorageError as e:
+                raise StorageError(f"{e}; {self._last_checkpoint()}") from None
+        self.saved_at.append(iteration)
+
+    def _lost_peers(self) -> str:
+        """Which processes are gone: on this host, those whose process ended; else the ring neighbours."""
+        host, rank, size = self.peers[self.rank, 1], self.rank, self.world.size()
+        dead = [r for r, (pid, h) in enumerate(self.peers) if r != rank and h == host and not _alive(int(pid))]
+        if dead:
+            return "data-parallel process " + ", ".join(str(r) for r in dead)
+        neighbours = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
+        return "data-parallel process " + " or ".join(str(r) for r in neighbours)
+
+    @contextmanager
+    def _watchdog(self):
+        """In a data-parallel run, a process that waits in a collective for longer than --peer-timeout
+        seconds after the last finished iteration stops, saying so (a peer that hangs never closes its
+        connection)."""
+        if self.world is None:
+            yield
+            return
+        done = threading.Event()
+        seen = [self.trainer.iteration, time.monotonic()]
+
+        def watch():
+            while not done.wait(1.0):
+                if self.trainer.iteration != seen[0]:
+                    seen[:] = [self.trainer.iteration, time.monotonic()]
+                elif self.trainer.iteration > 0 and time.monotonic() - seen[1] > self.args.peer_timeout:
+                    print(f"drlora-mlx: error: no progress for {self.args.peer_timeout} s after iteration "
+                          f"{self.trainer.iteration}: {self._lost_peers()} stopped answering; "
+                          f"{self._last_checkpoint()}", file=sys.stderr, flush=True)
+                    os._exit(PeerLost.exit_code)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+
+    def _last_checkpoint(self) -> str:
+        done = checkpoint.complete(self.adapter_path)
+        if not done:
+            return "no checkpoint was written yet"
+        return (f"the newest complete checkpoint, {done[-1].name}, is intact: continue with drlora-mlx train "
+                f"--resume --adapter-path {self.adapter_path}")
+
+    def train(self) -> TrainResult:
+        """The loop, with checkpoints, signals and the faults the tests ask for."""
+        with faults.installed(self.trainer), _stop_on_signals(self.trainer) as received, self._watchdog():
+            try:
+                result = self.trainer.run(self.train_set, self.valid_set, on_save=self.save)
+            except RuntimeError as e:
+                if self.world is None or "[ring]" not in str(e) and "peer" not in str(e):
+                    raise
+                # mlx.launch stops the other processes with SIGTERM once one has died: this one is stopping
+                # anyway and says why.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                raise PeerLost(self._lost_peers(), self.trainer.iteration, self._last_checkpoint()) from None
+            finally:
+                self.trainer.progress.close()
+            if result.interrupted:
+                if not self.saved_at or self.saved_at[-1] != self.trainer.iteration:
+                    self.save(self.trainer.iteration)
+                raise Interrupted(received[0] if received else signal.SIGINT, self.trainer.iteration,
+                                  self.adapter_path)
+        return result
+
+    def finish(self, result: TrainResult) -> None:
+        """The test loss, the final adapter and the summary."""
+        args = self.args
+        if args.test:
+            result.test_loss = self.trainer.evaluate(self.test_set, args.test_batches)
+            self.say(f"test loss {result.test_loss:.3f}, perplexity {np.exp(result.test_loss):.3f}")
+            self.trainer.metrics.write({"kind": "test", "step": args.iters, "test_loss": result.test_loss})
+        if self.rank != 0:
+            return
+        written = self.save_adapter()
+        self.say(run_summary(self.drlora, result, args.steps_per_report))
+        self.say(f"saved the adapter to {self.adapter_path}/ (mlx-lm format: adapters.safetensors + "
+                 "adapter_config.json)")
+        if written["router_trained"]:
+            if written["router_in_mlx_lm_adapter"]:
+                self.say("the trained router is in adapters.safetensors (as an exact LoRA) and in "
+                         "drlora_state.safetensors")
+            else:
+                self.say(
+                    "note: the trained router is in drlora_state.safetensors only: mlx-lm's adapter format cannot "
+                    "carry it for this model, so mlx_lm.load(adapter_path=...) gives the untrained router; "
+                    "drlora_mlx.load() applies it"
+                )
+
+
+def reporting_callback(args: TrainingArgs, config: DRLoRAConfig):
+    """mlx-lm's reporting callback for ``args.report_to`` (None without one), made
+    as mlx_lm.lora makes it: the run's settings as its config, the adapter folder
+    as its log folder."""
+    if not args.report_to:
+        return None
+    from mlx_lm.tuner import callbacks
+
+    for name in (n.strip().lower() for n in args.report_to.split(",") if n.strip()):
+        if name not in callbacks.SUPPORT_CALLBACK:
+            raise InputError(f"report_to: unknown service {name!r}; choose from "
+                             f"{', '.join(callbacks.SUPPORT_CALLBACK)}")
+        if getattr(callbacks, name, None) is None:  # mlx-lm imports each service's package if it is there
+            raise InputError(f"report_to {name}: the {name} package is not installed; pip install {name}")
+    settings = {**args.to_dict(), **config.to_dict()}
+    return callbacks.get_reporting_callbacks(args.report_to, project_name=args.project_name,
+                                             log_dir=args.adapter_path, config=settings)
+
+
+def launched_world():
+    """The data-parallel group this process was launched in (``mlx.launch``), or None."""
+    launched = mx.distributed.init()
+    return launched if launched.size() > 1 else None
+
+
+def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None, start: Start | None = None) -> TrainResult:
+    """Train (or continue, with ``args.resume`` / ``args.resume_from``), save
+    the adapter and checkpoints to ``args.adapter_path`` and print a summary.
+    ``start``: where the run starts, when the caller has decided it already.
+    The adapter folder is locked for the run: a second run into it is refused."""
+    world = world if world is not None else launched_world()
+    with holding(args.adapter_path, world):
+        start = start or decide(args.adapter_path, args.resume, args.resume_from)
+        start.check(args, config)
+        job = _Run(args, config, world, out, start)
+        job.sources()
+        job.load()
+        job.prepare()
+        result = job.train()
+        job.finish(result)
+    return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
