@@ -4,7 +4,7 @@ Every file drlora-mlx writes goes to a temporary name beside its target and is
 renamed over it once complete (a rename within one folder is atomic), so a
 run killed mid-write leaves the previous version. Files that belong together
 (the adapter's weights, state and records) are all written first and renamed
-together (``Batch``). A write that fails (a full disk, a read-only or vanished
+together (``FileSet``). A write that fails (a full disk, a read-only or vanished
 folder, a file-size limit) removes its temporary files and raises
 ``StorageError``: one line naming the folder, what it needed and what is free.
 """
@@ -85,7 +85,7 @@ def _encode_json(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-class Batch:
+class FileSet:
     """Files written to temporary names, then renamed into place together (``publish``)."""
 
     def __init__(self, folder: str | os.PathLike, what: str):
@@ -121,9 +121,9 @@ class Batch:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    batch = Batch(Path(path).parent, Path(path).name)
-    batch.bytes(path, data)
-    batch.publish()
+    files = FileSet(Path(path).parent, Path(path).name)
+    files.bytes(path, data)
+    files.publish()
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -133,9 +133,9 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def write_safetensors(path: str | os.PathLike, arrays: dict, metadata: dict | None = None) -> None:
     """MLX arrays as a safetensors file, written atomically."""
-    batch = Batch(Path(path).parent, Path(path).name)
-    batch.safetensors(path, arrays, metadata)
-    batch.publish()
+    files = FileSet(Path(path).parent, Path(path).name)
+    files.safetensors(path, arrays, metadata)
+    files.publish()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -237,7 +237,7 @@ def finetune(base: str, arm: Arm, data: dict, setting: Setting, seed: int, max_n
         "exact_match": exact_match(model, tokenizer, data["test_rows"], max_new),
         "valid_loss": trainer.evaluate(data["valid"], -1),
         "ranks": drlora.ranks().tolist(),
-        "frequency": np.asarray(drlora.state.frequency).tolist(),
+        "frequency": np.asarray(drlora.routing.frequency).tolist(),
         "routing": task_routing(model, drlora, data["test"], setting.batch_size).tolist(),
         "trajectory": rank_trajectory(drlora, result.events, config.ranks[0]),
         "parameters": drlora.parameter_counts(),

@@ -50,9 +50,9 @@ def build(family: str, root: Path, attention_only: bool) -> Path:
         config = json.loads((path / "config.json").read_text())
         config.update(MODELS[family])
         (path / "config.json").write_text(json.dumps(config))
-        from mlx_lm.utils import _get_classes  # re-initialised weights of the changed layers, same sizes elsewhere
+        from drlora_mlx.families.mlx_lm_names import model_classes  # re-initialised weights of the changed layers, same sizes elsewhere
 
-        model_class, args_class = _get_classes(config)
+        model_class, args_class = model_classes(config)
         model = model_class(args_class.from_dict(config))
         from mlx.utils import tree_flatten
 

@@ -31,24 +31,24 @@ TESTS = ["tests/test_training_step.py", "tests/test_schedule.py", "tests/test_ro
          "tests/test_masked_lora.py", "tests/test_pooled_lora.py", "tests/test_growth.py"]
 MUTATIONS = {
     "a: importance not reset after growth": (
-        "drlora_mlx/growth.py", "        reset_importance(drlora, grown > 0)\n", "        pass\n"),
+        "drlora_mlx/method/growth.py", "        reset_importance(drlora, grown > 0)\n", "        pass\n"),
     "b: importance EMA replaced by the last value": (
-        "drlora_mlx/importance.py", "module.importance = beta * module.importance + (1.0 - beta) * scores",
+        "drlora_mlx/method/importance.py", "module.importance = beta * module.importance + (1.0 - beta) * scores",
         "module.importance = (1.0 - beta) * scores"),
     "c: gamma = 0 in the growth saliency": (
-        "drlora_mlx/growth.py", "scores = saliency(f, g, ranks, config.rank_penalty, config.saliency)",
+        "drlora_mlx/method/growth.py", "scores = saliency(f, g, ranks, config.rank_penalty, config.saliency)",
         "scores = saliency(f, g, ranks, 0.0, config.saliency)"),
     "d: frequency tiled onto the wrong modules": (
-        "drlora_mlx/growth.py", "np.tile(np.asarray(drlora.state.frequency), (1, len(drlora.targets)))",
-        "np.repeat(np.asarray(drlora.state.frequency), len(drlora.targets), axis=1)"),
+        "drlora_mlx/method/growth.py", "np.tile(np.asarray(drlora.routing.frequency), (1, len(drlora.targets)))",
+        "np.repeat(np.asarray(drlora.routing.frequency), len(drlora.targets), axis=1)"),
     "e: pooled importance EMA replaced by the last value": (
-        "drlora_mlx/pooled_lora.py", "self.importance = beta * self.importance + (1.0 - beta) * scores",
+        "drlora_mlx/lora/pooled.py", "self.importance = beta * self.importance + (1.0 - beta) * scores",
         "self.importance = (1.0 - beta) * scores"),
     "f: pooled gradient in the neighbouring slot": (
-        "drlora_mlx/pooled_lora.py", "inverse.at[table.reshape(-1)].minimum(mx.arange(n, dtype=mx.int32))",
+        "drlora_mlx/lora/pooled.py", "inverse.at[table.reshape(-1)].minimum(mx.arange(n, dtype=mx.int32))",
         "inverse.at[table.reshape(-1)].minimum((mx.arange(n, dtype=mx.int32) + 1) % n)"),
     "g: grown ranks start with a random B": (
-        "drlora_mlx/pooled_lora.py", "self.write(module.b_side, slots, 0.0)",
+        "drlora_mlx/lora/pooled.py", "self.write(module.b_side, slots, 0.0)",
         "self.write(module.b_side, slots, mx.random.uniform(shape=(len(slots), self.side_dims(module.b_side))))"),
 }
 

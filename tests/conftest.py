@@ -15,18 +15,18 @@ def offline_and_isolated(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """tiny_models(family, shape=..., quantize_bits=..., layout=...) -> checkpoint path, built once per session."""
+    """tiny_models(family, shape=..., quantize_bits=..., weights_format=...) -> checkpoint path, built once per session."""
     from drlora_mlx.formats.tiny import TinyShape, build_tiny
 
     root = tmp_path_factory.mktemp("models")
     built = {}
 
-    def get(family, shape=None, quantize_bits=None, seed=0, layout="mlx"):
+    def get(family, shape=None, quantize_bits=None, seed=0, weights_format="mlx"):
         shape = shape or TinyShape()
-        key = (family, shape, quantize_bits, seed, layout)
+        key = (family, shape, quantize_bits, seed, weights_format)
         if key not in built:
             built[key] = build_tiny(family, root / f"{family}-{len(built)}", shape=shape, seed=seed,
-                                    quantize_bits=quantize_bits, layout=layout)
+                                    quantize_bits=quantize_bits, weights_format=weights_format)
         return built[key]
 
     return get

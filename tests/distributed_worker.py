@@ -29,7 +29,7 @@ def main(model_path: str, out: str) -> None:
     result = Trainer(model, drlora, args, world=world).run(train)
     weights = dict(tree_flatten(model.trainable_parameters()))
     weights.update({f"{p}.rank_mask": m.active_mask() for p, m in drlora.expert_modules()})
-    weights["routing.frequency"] = drlora.state.frequency
+    weights["routing.frequency"] = drlora.routing.frequency
     weights["events"] = mx.array(len(result.events))
     mx.save_safetensors(f"{out}/rank{world.rank()}.safetensors", weights)
 

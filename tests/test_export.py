@@ -59,7 +59,7 @@ def trained(tiny_models, tmp_path_factory):
 
     def get(family, router="always"):
         if (family, router) not in runs:
-            model = tiny_models(family, shape=SHAPE, layout="hf")
+            model = tiny_models(family, shape=SHAPE, weights_format="hf")
             out = tmp_path_factory.mktemp(f"{family}-{router}")
             main(["train", "--model", str(model), "--adapter-path", str(out), *TRAIN, "--train-router", router,
                   *FLAGS[family]])
@@ -89,8 +89,8 @@ def synthetic(tiny_models, tmp_path_factory):
 
     def get(family, router=True):
         if (family, router) not in made:
-            layout = "hf" if family in HF_FAMILIES else "mlx"
-            path = tiny_models(family, shape=SHAPE, layout=layout)
+            weights_format = "hf" if family in HF_FAMILIES else "mlx"
+            path = tiny_models(family, shape=SHAPE, weights_format=weights_format)
             model, _ = mlx_lm_load(str(path))
             shared = 2 if _has_shared_experts(tiny_models, family) else 0
             config = DRLoRAConfig(r_init=2, r_target=4, r_max=8, train_router="always" if router else "never",
@@ -163,7 +163,7 @@ def test_export_records_version_ranks_hash_and_sizes(trained, tmp_path, capsys):
     code, out, err = run_cli(["export", "--adapter-path", str(adapter), "--out", str(tmp_path / "p")], capsys)
     assert code == 0, err
     info = read_export(tmp_path / "p")
-    assert info["drlora_mlx_version"] == "0.1.0"
+    assert info["drlora_mlx_version"] == "0.2.0"
     ranks = read_ranks(adapter)
     for layer, entry in zip(ranks["layers"], info["layers"]):
         assert {t: m["ranks"] for t, m in entry["modules"].items()} == {t: layer[t] for t in ranks["targets"]}
@@ -434,7 +434,7 @@ def test_peft_builds_the_exported_per_parameter_ranks_despite_its_warning(tiny_m
 
     from peft.tuners.lora.layer import ParamWrapper
 
-    model_path = tiny_models("qwen3_moe", shape=SHAPE, layout="hf")
+    model_path = tiny_models("qwen3_moe", shape=SHAPE, weights_format="hf")
     model, _ = mlx_lm_load(str(model_path))
     drlora = attach(model, DRLoRAConfig(r_init=2, r_target=4, r_max=8), seed=0)
     E = drlora.n_experts

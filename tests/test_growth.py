@@ -11,7 +11,7 @@ from drlora_mlx.cli import main
 from drlora_mlx.config.settings import TrainingArgs
 from drlora_mlx.method.growth import grow, module_saliency
 from drlora_mlx.display.report import event_summary
-from drlora_mlx.method.schedule import GrowthSchedule, grow as grow_ranks
+from drlora_mlx.method.schedule import GrowthSchedule, allocate_event
 from drlora_mlx.training.loss import loss_mask, make_loss
 from drlora_mlx.training.trainer import Trainer
 
@@ -34,7 +34,7 @@ def _set_statistics(drlora, importance, frequency):
         for p, m in enumerate(layer.modules):
             m.set_rank_importance(mx.array(np.repeat(importance[l, p * E:(p + 1) * E, None], m.r_max, axis=1),
                                            mx.float32))
-    drlora.state.frequency = mx.array(frequency, mx.float32)
+    drlora.routing.frequency = mx.array(frequency, mx.float32)
 
 
 def _saliency(frequency, importance, ranks, gamma):
@@ -95,7 +95,7 @@ def test_a_layer_without_importance_grows_by_routing_frequency_and_says_so(tiny_
     trainer = Trainer(model, drlora, TrainingArgs(iters=100, batch_size=3, learning_rate=1e-2))
     assert trainer.schedule.warmup_steps == 1
     _, _, event = trainer.train_step(*padded_batch(384, seed=3))
-    frequency = np.asarray(drlora.state.frequency)
+    frequency = np.asarray(drlora.routing.frequency)
     assert event is not None and event.total > 0 and event.by_frequency == tuple(range(drlora.n_layers))
     assert "importance all zero in L0,L1,L2: ranked by routing frequency" in event_summary(drlora, event)
     for layer in range(drlora.n_layers):
@@ -106,7 +106,7 @@ def test_a_layer_without_importance_grows_by_routing_frequency_and_says_so(tiny_
 
 
 def test_table_10_by_running_the_allocator():
-    """The paper's OLMoE schedule through grow() itself: Table 10's mean ranks."""
+    """The paper's OLMoE schedule through allocate_event() itself: Table 10's mean ranks."""
     s = GrowthSchedule(total_steps=38000, n_modules=128, r_init=32, r_target=64, r_max=128, warmup_ratio=0.03,
                        grow_every=200, growth_buffer=200, grow_fraction=0.1)
     rng = np.random.default_rng(0)
@@ -114,7 +114,7 @@ def test_table_10_by_running_the_allocator():
     means = {}
     for step in range(1, 38001):
         if s.is_event(step):
-            ranks = grow_ranks(ranks, rng.random(ranks.shape) ** 3, s, step)
+            ranks = allocate_event(ranks, rng.random(ranks.shape) ** 3, s, step)
         if step in (6000, 12000, 18000, 24000, 30000, 37800):
             means[step] = ranks.mean(axis=1)
     expected = {6000: 36.49, 12000: 41.88, 18000: 47.27, 24000: 52.66, 30000: 58.05, 37800: 64.00}

@@ -50,7 +50,7 @@ def theirs(model, adapter=None) -> np.ndarray:
 
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_hf_layout_checkpoint_reads_alike_in_mlx_lm_and_transformers(tiny_models, family):
-    hf = tiny_models(family, shape=SHAPE, layout="hf")
+    hf = tiny_models(family, shape=SHAPE, weights_format="hf")
     mlx_logits = ours(hf)
     assert np.abs(theirs(hf) - mlx_logits).max() < TOL
     if family == "gpt_oss":  # experts in MXFP4, as the released checkpoints

@@ -9,8 +9,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from mlx_lm.utils import _get_classes, quantize_model
+from mlx_lm.utils import quantize_model
 
+from drlora_mlx.families.mlx_lm_names import model_classes
 from drlora_mlx.training import memory
 from drlora_mlx.lora.attach import attach
 from drlora_mlx.config.settings import ConfigError, DRLoRAConfig
@@ -230,7 +231,7 @@ TINY = TinyShape(expert_dim=64)  # 64: every quantized dimension divisible by ml
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_every_family_counts_what_mlx_lm_holds(family, bits):
     config = family_config(family, TINY)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     _init_weights(model, 0)
     if bits:
@@ -261,7 +262,7 @@ def test_the_pooled_formula_is_what_attach_allocates(tiny_models):
     model, _ = mlx_lm_load(str(tiny_models("qwen3_moe", shape=SHAPE)))
     base = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     drlora = attach(model, DRLoRAConfig(r_init=2, r_target=4, r_max=8))
-    assert drlora.config.layout == "pooled"
+    assert drlora.config.resolved_lora_layout == "pooled"
     pools = [layer.pool for layer in drlora.layers]
     allocated = sum((p.hidden.nbytes + p.inner.nbytes) * 4 + p.importance.nbytes for p in pools)
     allocated += sum(m.slots.nbytes for _, m in drlora.expert_modules())
@@ -331,10 +332,10 @@ def test_warning_names_the_rank_flag_when_the_lora_state_does_not_fit(config, la
 
 
 def test_default_layout():
-    assert DRLoRAConfig().layout == "pooled"
-    assert DRLoRAConfig(allocation="global").layout == "masked"
-    assert DRLoRAConfig(method="lora").layout == "masked"
-    assert DRLoRAConfig(lora_layout="masked").layout == "masked"
+    assert DRLoRAConfig().resolved_lora_layout == "pooled"
+    assert DRLoRAConfig(allocation="global").resolved_lora_layout == "masked"
+    assert DRLoRAConfig(method="lora").resolved_lora_layout == "masked"
+    assert DRLoRAConfig(lora_layout="masked").resolved_lora_layout == "masked"
     for bad in (dict(method="lora"), dict(allocation="global")):
         with pytest.raises(ConfigError, match="lora_layout pooled sizes each layer's LoRA state to its rank budget"):
             DRLoRAConfig(lora_layout="pooled", **bad)

@@ -8,7 +8,7 @@ import pytest
 from drlora_mlx.cli import main
 from drlora_mlx.config.settings import DRLoRAConfig
 from drlora_mlx.method.saliency import module_importance, saliency
-from drlora_mlx.method.schedule import GrowthSchedule, ScheduleError, allocate, delivered, grow, walk
+from drlora_mlx.method.schedule import GrowthSchedule, ScheduleError, allocate, allocate_event, delivered, walk
 
 PAPER = dict(total_steps=38000, n_modules=128, r_init=32, r_max=128, r_target=64,
              warmup_ratio=0.03, grow_every=200, growth_buffer=200, grow_fraction=0.1)
@@ -115,7 +115,7 @@ def test_growth_invariants_on_random_runs(allocation):
         layers = int(rng.integers(1, 4))
         ranks = np.full((layers, s.n_modules), s.r_init)
         for step in range(1, s.total_steps + 1):
-            new = grow(ranks, rng.random(ranks.shape), s, step, allocation)
+            new = allocate_event(ranks, rng.random(ranks.shape), s, step, allocation)
             grown = new - ranks
             assert grown.min() >= 0
             if not s.is_event(step):
@@ -146,7 +146,7 @@ def test_configurations_that_ended_short_now_reach_r_target(layers, experts, ran
     state = np.full((layers, s.n_modules), ranks[0])
     rng = np.random.default_rng(5)
     for step in range(1, iters + 1):
-        state = grow(state, rng.random(state.shape), s, step)
+        state = allocate_event(state, rng.random(state.shape), s, step)
     assert (state.mean(axis=1) == ranks[1]).all()
     assert s.summary([iters])["mean_rank"][str(iters)] == ranks[1]
 
@@ -174,7 +174,7 @@ def test_builtin_and_default_schedules_reach_r_target():
             s = cfg.schedule(total, n_modules)
             ranks = np.full((2, n_modules), r[0])
             for step in range(1, total + 1):
-                ranks = grow(ranks, rng.random(ranks.shape) ** 4, s, step)
+                ranks = allocate_event(ranks, rng.random(ranks.shape) ** 4, s, step)
             assert (ranks.mean(axis=1) == r[1]).all(), (total, n_modules)
 
 

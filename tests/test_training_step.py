@@ -61,7 +61,7 @@ def test_importance_and_frequency_equal_float64_recomputation(tiny_models, famil
             assert (importance[path][masks[path] == 0] == 0).all() and importance[path].max() > 0
         observed = routing / tokens
         frequency = observed if frequency is None else beta * frequency + (1 - beta) * observed
-        assert np.allclose(_np(drlora.state.frequency), frequency, rtol=1e-4, atol=1e-6), step
+        assert np.allclose(_np(drlora.routing.frequency), frequency, rtol=1e-4, atol=1e-6), step
 
 
 def test_frequency_is_an_ema_after_the_first_step(tiny_models):
@@ -75,7 +75,7 @@ def test_frequency_is_an_ema_after_the_first_step(tiny_models):
         w = sums / n
         expected = w if expected is None else beta * expected + (1 - beta) * w
         trainer.train_step(b, l)
-    assert np.allclose(_np(drlora.state.frequency), expected, rtol=1e-4, atol=1e-6)
+    assert np.allclose(_np(drlora.routing.frequency), expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

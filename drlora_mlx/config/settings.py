@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
 from ..errors import ConfigError
+from ..families.mlx_lm_names import EXPERT_CONTAINERS, EXPERT_PROJECTIONS, PROJECTION_OF
 from .optimizer_choices import OPTIMIZER_CLASSES, check_optimizer_settings, check_schedule_block
 from ..method.saliency import SALIENCY_MODES
 from ..method.schedule import GrowthSchedule, auto_grow_every, auto_growth_buffer
 
 METHODS = ("drlora", "lora")
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 TRAIN_ROUTER = ("after-warmup", "never", "always")
 ROUTING_SIGNALS = ("weight", "count")
 ALLOCATIONS = ("per-layer", "global")
@@ -171,8 +171,8 @@ class DRLoRAConfig:
         return self.method == "drlora" and self.allocation == "per-layer"
 
     @property
-    def layout(self) -> str:
-        """The expert LoRA layout: ``lora_layout``, or by default pooled where a
+    def resolved_lora_layout(self) -> str:
+        """The expert LoRA layout a run uses: ``lora_layout``, or by default pooled where a
         per-layer budget exists (DR-LoRA, per-layer allocation), else masked."""
         return self.lora_layout or ("pooled" if self._pooled_fits else "masked")
 
@@ -365,10 +365,6 @@ def read_yaml(path: str) -> dict:
 # Keys of mlx_lm.lora's configuration that are no field here; ``from_mlx_lm`` says what they mean.
 MLX_LM_KEYS = ("fine_tune_type", "training_mode", "lora_parameters", "config")
 LORA_PARAMETERS = ("rank", "scale", "dropout", "keys")
-# How mlx-lm's MoE blocks name their routed experts (SwitchGLU / SwitchMLP), and the experts' projections.
-EXPERT_CONTAINERS = ("switch_mlp", "switch_glu", "experts")
-_EXPERT_KEYS = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj", "fc1": "up_proj",
-                "fc2": "down_proj"}
 
 
 def _number(value, what: str) -> float:
@@ -387,8 +383,8 @@ def _split_keys(keys) -> tuple[tuple[str, ...], tuple[str, ...]]:
     targets, others = [], []
     for key in (k.strip() for k in keys):
         parts = key.split(".")
-        if len(parts) >= 2 and parts[-1] in _EXPERT_KEYS and parts[-2] in EXPERT_CONTAINERS:
-            targets.append(_EXPERT_KEYS[parts[-1]])
+        if len(parts) >= 2 and parts[-1] in PROJECTION_OF and parts[-2] in EXPERT_CONTAINERS:
+            targets.append(PROJECTION_OF[parts[-1]])
         else:
             others.append(key)
     return tuple(dict.fromkeys(targets)), tuple(dict.fromkeys(others))

@@ -51,7 +51,7 @@ def run_summary(drlora, result, steps_per_report: int) -> str:
         f"  {'growth events':<28}{len(result.events)}",
         f"  {'active expert LoRA params':<28}{counts['expert_lora_active']:,} "
         f"(uniform LoRA at r_target {r_target}: {counts['expert_lora_uniform_r_target']:,}; "
-        f"allocated, {drlora.config.layout} layout: {counts['expert_lora_allocated']:,})",
+        f"allocated, {drlora.config.resolved_lora_layout} layout: {counts['expert_lora_allocated']:,})",
         f"  {'trainable parameters':<28}{counts['trainable']:,}",
     ]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from ..lora.routing import router_linear
 from ..config.settings import DRLoRAConfig
 from ..lora.handle import DRLoRA
 from ..errors import InputError
-from ..files import Batch, storage
+from ..files import FileSet, storage
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -110,10 +110,10 @@ def save_adapter(drlora: DRLoRA, adapter_path: str | os.PathLike, model_path: st
     config["model"] = model_path
     # All four files are written before any replaces its previous version: the folder never
     # holds one run's weights beside another's state.
-    batch = Batch(adapter_path, "the adapter")
-    batch.safetensors(adapter_path / ADAPTER_WEIGHTS, weights)
-    batch.json(adapter_path / ADAPTER_CONFIG, config)
-    batch.safetensors(adapter_path / STATE_WEIGHTS, codec.encode(drlora))
+    files = FileSet(adapter_path, "the adapter")
+    files.safetensors(adapter_path / ADAPTER_WEIGHTS, weights)
+    files.json(adapter_path / ADAPTER_CONFIG, config)
+    files.safetensors(adapter_path / STATE_WEIGHTS, codec.encode(drlora))
     record = {
         "drlora_mlx_version": __version__,
         "family": drlora.family_name,
@@ -129,8 +129,8 @@ def save_adapter(drlora: DRLoRA, adapter_path: str | os.PathLike, model_path: st
     }
     if training is not None:
         record["training"] = training
-    batch.json(adapter_path / DRLORA_CONFIG, record)
-    batch.publish()
+    files.json(adapter_path / DRLORA_CONFIG, record)
+    files.publish()
     return {"router_trained": bool(drlora.trained_routers()), "router_in_mlx_lm_adapter": router_included}
 
 
@@ -144,7 +144,7 @@ def read_json(path: Path, missing: str) -> dict:
         raise AdapterError(f"{path} is not valid JSON ({e.msg})") from None
 
 
-def read_config(adapter_path: str | os.PathLike) -> dict:
+def read_adapter_config(adapter_path: str | os.PathLike) -> dict:
     adapter_path = Path(adapter_path)
     return read_json(
         adapter_path / DRLORA_CONFIG,
@@ -167,7 +167,7 @@ def read_state(adapter_path: str | os.PathLike, router_paths=()) -> codec.Adapte
 
 def read_ranks(adapter_path: str | os.PathLike) -> dict:
     """The active rank of every expert module of a saved adapter."""
-    meta = read_config(adapter_path)
+    meta = read_adapter_config(adapter_path)
     config = DRLoRAConfig.from_dict(meta["method"])
     ranks = read_state(adapter_path).expert_ranks
     layers = [{"layer": entry["layer"], **{t: list(ranks[p]) for t, p in entry["modules"].items()}}
@@ -180,7 +180,7 @@ def read_ranks(adapter_path: str | os.PathLike) -> dict:
 def load_into(model: nn.Module, adapter_path: str | os.PathLike) -> DRLoRA:
     """Attach the adapter saved in ``adapter_path`` to ``model`` (its base model)."""
     adapter_path = Path(adapter_path)
-    config = DRLoRAConfig.from_dict(read_config(adapter_path)["method"])
+    config = DRLoRAConfig.from_dict(read_adapter_config(adapter_path)["method"])
     drlora = attach(model, config)
     weights = read_arrays(adapter_path / ADAPTER_WEIGHTS, "adapter weights")
     codec.restore(drlora, read_arrays(adapter_path / STATE_WEIGHTS, "DR-LoRA state"))
@@ -192,7 +192,7 @@ def load_into(model: nn.Module, adapter_path: str | os.PathLike) -> DRLoRA:
         r = lora.lora_a.shape[1]
         lora.lora_a = weights[f"{path}.lora_a"][:, :r]
         lora.lora_b = weights[f"{path}.lora_b"][:r]
-    mx.eval(model.parameters(), drlora.state.parameters())
+    mx.eval(model.parameters(), drlora.routing.parameters())
     return drlora
 
 

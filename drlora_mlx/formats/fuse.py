@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .adapters import load_into, read_config
+from .adapters import load_into, read_adapter_config
 from ..errors import InputError
 from ..families import FAMILIES, family_of
 from .hf_checkpoint import copy_tokenizer, readable_by_both, save_hf_checkpoint, save_weights
@@ -139,7 +139,7 @@ def fuse(model: str | None, adapter_path: str, save_path: str, dequantize: bool 
 
     if dequantize and requantize:
         raise FuseError("--dequantize and --requantize exclude each other")
-    meta = read_config(adapter_path)
+    meta = read_adapter_config(adapter_path)
     model = model or meta["model"]
     base, tokenizer = load_base(model)
     if family_of(base) != meta["family"]:

@@ -20,13 +20,13 @@ import mlx.core as mx
 
 from ..errors import InputError
 from ..families import FAMILIES, hf_family
+from ..families.mlx_lm_names import PROJECTION_OF
 from ..families.spec import HFFamily
 
 _EXPERT_KEY = re.compile(
     r"^(?P<block>.+)\.(?:switch_mlp|experts)\.(?P<proj>gate_proj|up_proj|down_proj|fc1|fc2)"
     r"\.(?P<kind>weight|bias|scales|biases)$"
 )
-_SWITCH_MLP = {"fc1": "up_proj", "fc2": "down_proj"}  # SwitchMLP's two projections
 # What transformers keeps in float when it loads a gpt-oss MXFP4 checkpoint (as the released models say).
 _GPT_OSS_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -151,7 +151,7 @@ def hf_weights(family: str, weights: dict[str, mx.array], config: dict) -> dict[
         key = hf.checkpoint_path(key)
         m = _EXPERT_KEY.match(key)
         if m:
-            proj = _SWITCH_MLP.get(m["proj"], m["proj"])
+            proj = PROJECTION_OF[m["proj"]]
             experts.setdefault(m["block"], {}).setdefault(proj, {})[m["kind"]] = value
         else:
             out[key] = value

@@ -29,13 +29,14 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..version import __version__
-from .adapters import ADAPTER_WEIGHTS, AdapterError, read_arrays, read_config, read_json, read_state
+from .adapters import ADAPTER_WEIGHTS, AdapterError, read_arrays, read_adapter_config, read_json, read_state
 from ..lora.attach import attach
 from ..config.settings import DRLoRAConfig
 from ..lora.handle import DRLoRA
 from ..errors import InputError
 from ..files import write_bytes, write_json
 from ..families import family_of, hf_family
+from ..families.mlx_lm_names import EXPERT_PROJECTIONS
 from ..families.spec import HFFamily
 from .peft_layout import PREFIX, Module, Pair, fused_plan, linear_plan, pack, per_expert_plan, unpack
 
@@ -70,7 +71,7 @@ def _numpy(x: mx.array) -> np.ndarray:
 def read_adapter(adapter_path: str | os.PathLike) -> Adapter:
     """The adapter that ``drlora-mlx train`` saved in ``adapter_path``."""
     adapter_path = Path(adapter_path)
-    meta = read_config(adapter_path)
+    meta = read_adapter_config(adapter_path)
     config = DRLoRAConfig.from_dict(meta["method"])
     family = meta["family"]
     weights = read_arrays(adapter_path / ADAPTER_WEIGHTS, "adapter weights")
@@ -128,7 +129,7 @@ def _named_like_an_expert(path: str) -> bool:
     """PEFT's transformers-5 conversion takes every *module* target named like an expert projection
     for the fused experts; such layers (shared experts, Arcee's attention gate) are targeted by
     their ``weight`` parameter instead."""
-    return path.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")
+    return path.rsplit(".", 1)[-1] in EXPERT_PROJECTIONS
 
 
 def _router_key(path: str, layout: str, hf: HFFamily) -> str:

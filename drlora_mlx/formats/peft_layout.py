@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
+from ..families.mlx_lm_names import EXPERT_PROJECTIONS
 from ..families.spec import HFFamily
 
 PREFIX = "base_model.model."
@@ -146,7 +147,7 @@ def per_expert_plan(layers: list[tuple[str, dict[str, Module]]], hf: HFFamily) -
                 present[a] = Module("", (0,) * len(m.ranks), m.in_dims, m.out_dims)  # a zero partner
         n_experts = len(next(iter(present.values())).ranks)
         for e in range(n_experts):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
+            for proj in EXPERT_PROJECTIONS:
                 if proj not in present:
                     continue
                 m = present[proj]

@@ -3,7 +3,7 @@
 ``build_tiny(family, path)`` writes a real checkpoint directory (config.json,
 model.safetensors in mlx-lm's layout, a byte-level BPE tokenizer with a ChatML
 template) that ``mlx_lm.load`` reads like any model from the Hub. With
-``layout="hf"`` the weights are in the Hugging Face layout instead, which
+``weights_format="hf"`` the weights are in the Hugging Face layout instead, which
 transformers reads too (gpt-oss with MXFP4 experts, like the released models).
 Tests, scripts and the built-in default of ``drlora-mlx train`` use it;
 nothing is downloaded.
@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import InputError
 from ..families import FAMILIES
+from ..families.mlx_lm_names import model_classes
 from ..families.spec import TinyShape
 from .hf_checkpoint import save_hf_checkpoint
 
@@ -122,24 +123,22 @@ def build_tiny(
     seed: int = 0,
     quantize_bits: int | None = None,
     group_size: int = 32,
-    layout: str = "mlx",
+    weights_format: str = "mlx",
 ) -> Path:
     """Write a tiny ``family`` checkpoint to ``path`` and return the path.
 
     ``quantize_bits`` (4 or 8) quantizes it the way ``mlx_lm.convert -q`` does.
-    ``layout``: "mlx" (mlx-lm's stacked experts) or "hf" (the Hugging Face
+    ``weights_format``: "mlx" (mlx-lm's stacked experts) or "hf" (the Hugging Face
     layout that transformers also reads; float, gpt-oss experts in MXFP4).
     """
-    if layout not in ("mlx", "hf"):
-        raise InputError(f"layout must be 'mlx' or 'hf', got {layout!r}")
-    if layout == "hf" and quantize_bits is not None:
+    if weights_format not in ("mlx", "hf"):
+        raise InputError(f"weights_format must be 'mlx' or 'hf', got {weights_format!r}")
+    if weights_format == "hf" and quantize_bits is not None:
         raise InputError("the Hugging Face layout is written in float: transformers does not read MLX quantization")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    from mlx_lm.utils import _get_classes  # mlx-lm's own model_type -> model file resolution
-
     config = family_config(family, shape)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     _init_weights(model, seed)
@@ -147,7 +146,7 @@ def build_tiny(
         from mlx_lm.utils import quantize_model
 
         model, config = quantize_model(model, config, group_size=group_size, bits=quantize_bits)
-    if layout == "hf":
+    if weights_format == "hf":
         if family == "gpt_oss":
             _mxfp4_experts(model, config)
         save_hf_checkpoint(path, family, dict(tree_flatten(model.parameters())), config)
@@ -182,11 +181,11 @@ def tiny_model_path(
     shape: TinyShape = TinyShape(),
     seed: int = 0,
     quantize_bits: int | None = None,
-    layout: str = "mlx",
+    weights_format: str = "mlx",
 ) -> Path:
     """The cached tiny checkpoint for these settings, built on first use."""
     settings = {"v": BUILD_VERSION, "family": family, "shape": asdict(shape), "seed": seed, "q": quantize_bits,
-                "layout": layout}
+                "layout": weights_format}
     key = json.dumps(settings, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = cache_dir() / f"tiny-{family}-{digest}"
@@ -196,7 +195,7 @@ def tiny_model_path(
     # Build aside and rename, so an interrupted build never leaves a half model.
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
-        build_tiny(family, tmp, shape, seed, quantize_bits, layout=layout)
+        build_tiny(family, tmp, shape, seed, quantize_bits, weights_format=weights_format)
         os.replace(tmp, path)
     except OSError:
         if not (path / "config.json").exists():

@@ -20,14 +20,13 @@ from mlx_lm.tuner.lora import LoRALinear
 from ..config.settings import ConfigError, DRLoRAConfig
 from .handle import DRLoRA, MoELayer, RoutingState
 from ..families import UnsupportedModelError, lookup
+from ..families.mlx_lm_names import SWITCH_MLP_NAMES, projection_name
 from .masked import MaskedLoRASwitchLinear, dequantized_weight
 from .pooled import PooledLoRASwitchLinear, RankPool
 from .probe import applied_weights
 from .routing import RoutingRecorder, RoutingSite, observe, router_weight
 from .tree import child_modules, module_at, replace_module
 
-# SwitchMLP names its two projections fc1 / fc2.
-_SWITCH_MLP_NAMES = {"up_proj": "fc1", "down_proj": "fc2"}
 
 
 def _as_float_linear(linear: nn.Module) -> nn.Linear:
@@ -114,14 +113,12 @@ def _find_layers(drlora: DRLoRA) -> None:
 
 def _projection(drlora: DRLoRA, layer: MoELayer, target: str) -> tuple[str, nn.Module]:
     """(attribute name, switch layer) of one target projection of a block's experts."""
-    name = target
-    if isinstance(layer.experts, SwitchMLP):
-        if target not in _SWITCH_MLP_NAMES:
-            raise UnsupportedModelError(
-                f"{drlora.family_name}: experts are SwitchMLP (fc1, fc2); target {target!r} does not exist, "
-                "use up_proj (fc1) and down_proj (fc2)"
-            )
-        name = _SWITCH_MLP_NAMES[target]
+    if isinstance(layer.experts, SwitchMLP) and target not in SWITCH_MLP_NAMES:
+        raise UnsupportedModelError(
+            f"{drlora.family_name}: experts are SwitchMLP (fc1, fc2); target {target!r} does not exist, "
+            "use up_proj (fc1) and down_proj (fc2)"
+        )
+    name = projection_name(layer.experts, target)
     base = layer.experts[name]
     if not isinstance(base, (SwitchLinear, QuantizedSwitchLinear)):
         raise UnsupportedModelError(
@@ -133,7 +130,7 @@ def _projection(drlora: DRLoRA, layer: MoELayer, target: str) -> tuple[str, nn.M
 
 def _rank_pool(drlora: DRLoRA, layer: MoELayer, bases: list[nn.Module]) -> RankPool:
     """The layer's pool of N_mod x r_target rank slots, beside its experts (``lora_pool``)."""
-    up = layer.experts["fc1" if isinstance(layer.experts, SwitchMLP) else "up_proj"]
+    up = layer.experts[projection_name(layer.experts, "up_proj")]
     hidden, inner = up.input_dims, up.output_dims
     for base in bases:
         if sorted((base.input_dims, base.output_dims)) != sorted((hidden, inner)):
@@ -155,7 +152,7 @@ def _adapt_experts(drlora: DRLoRA, layer: MoELayer) -> None:
     config = drlora.config
     r_init, _, r_max = config.ranks
     projections = [_projection(drlora, layer, target) for target in config.targets]
-    pool = _rank_pool(drlora, layer, [base for _, base in projections]) if config.layout == "pooled" else None
+    pool = _rank_pool(drlora, layer, [base for _, base in projections]) if config.resolved_lora_layout == "pooled" else None
     for name, base in projections:
         if pool is None:
             module = MaskedLoRASwitchLinear.from_base(base, r_max=r_max, rank=r_init, scale=config.scale)
@@ -314,7 +311,7 @@ def _observe_routing(drlora: DRLoRA) -> None:
     for site, layer in enumerate(drlora.layers):
         observe(layer.experts, drlora.recorder, site, "experts")
         observe(layer.router, drlora.recorder, site, "router")
-    drlora.state = RoutingState(drlora.n_layers, drlora.n_experts)
+    drlora.routing = RoutingState(drlora.n_layers, drlora.n_experts)
 
 
 def mlx_lm_version() -> str:

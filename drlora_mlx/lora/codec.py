@@ -32,7 +32,7 @@ SEEN = "routing.seen"
 
 def encode(drlora) -> dict[str, mx.array]:
     """The state of ``drlora`` as named arrays."""
-    arrays = {FREQUENCY: drlora.state.frequency, SEEN: drlora.state.seen}
+    arrays = {FREQUENCY: drlora.routing.frequency, SEEN: drlora.routing.seen}
     for path, module in drlora.expert_modules():
         arrays[f"{path}.rank_mask"] = module.active_mask()
         arrays[f"{path}.importance"] = module.rank_importance()
@@ -89,8 +89,8 @@ def restore(drlora, arrays: dict[str, mx.array]) -> None:
             layer.set_ranks(np.concatenate([state.expert_ranks[p] for p in paths]).astype(np.int64))
         for path, module in zip(paths, layer.modules):
             module.set_rank_importance(state.importance[path])
-    drlora.state.frequency = state.frequency
-    drlora.state.seen = state.seen
+    drlora.routing.frequency = state.frequency
+    drlora.routing.seen = state.seen
     if state.routers:
         drlora.model.load_weights(list(state.routers.items()), strict=False)
     drlora.fit_width()

@@ -89,7 +89,7 @@ class DRLoRA:
         self.router_base: list[mx.array] = []  # router weights at attach time, per MoE layer
         self.routing_signal = config.routing_signal
         self.notes: list[str] = []
-        self.state: RoutingState | None = None
+        self.routing: RoutingState | None = None
         self.recorder: RoutingRecorder | None = None
 
     # ----- shape ----------------------------------------------------------------
@@ -178,8 +178,8 @@ class DRLoRA:
             for path, module in zip(layer.module_paths(), layer.modules):
                 update_importance(module, flat[f"{path}.lora_a"], flat[f"{path}.lora_b"], beta)
         observed = routing_sums / mx.maximum(n_tokens.astype(mx.float32), 1.0)
-        self.state.frequency = update_frequency(self.state.frequency, observed, self.state.seen, beta)
-        self.state.seen = mx.array(1.0)
+        self.routing.frequency = update_frequency(self.routing.frequency, observed, self.routing.seen, beta)
+        self.routing.seen = mx.array(1.0)
 
     def factors(self) -> dict[str, tuple[mx.array, mx.array]]:
         return {path: (m.lora_a, m.lora_b) for path, m in self.expert_modules()}

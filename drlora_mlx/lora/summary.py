@@ -36,7 +36,7 @@ def describe(drlora) -> str:
     lines = [
         f"{config.method} on {drlora.family_name}: {drlora.n_layers} MoE layers x {drlora.n_experts} experts x "
         f"{len(drlora.targets)} projections ({', '.join(drlora.targets)}) = {n_mod} expert modules, {ranks}",
-        f"  expert LoRA parameters: {counts['expert_lora_allocated']:,} allocated ({config.layout} layout), "
+        f"  expert LoRA parameters: {counts['expert_lora_allocated']:,} allocated ({config.resolved_lora_layout} layout), "
         f"{counts['expert_lora_active']:,} active now",
     ]
     if drlora.extra_loras:

@@ -1,7 +1,7 @@
 """Growth events on an attached model (SPEC.md, Algorithm 1).
 
 Between optimizer steps: read the statistics as numpy (layers x modules),
-score every module by its saliency, let the allocator (``schedule.grow``) hand
+score every module by its saliency, let the allocator (``schedule.allocate_event``) hand
 out the event's ranks, activate them and reset the importance EMAs of the
 modules that grew. Mask values change, shapes never do.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .saliency import module_importance, saliency
-from .schedule import GrowthSchedule, grow as allocate_event
+from .schedule import GrowthSchedule, allocate_event
 
 
 @dataclass
@@ -38,7 +38,7 @@ def rank_importance(drlora) -> np.ndarray:
 def module_frequency(drlora) -> np.ndarray:
     """Routing frequency per module (layers x modules): f of the module's expert,
     for every target projection (module m = p * E + e)."""
-    return np.tile(np.asarray(drlora.state.frequency), (1, len(drlora.targets)))
+    return np.tile(np.asarray(drlora.routing.frequency), (1, len(drlora.targets)))
 
 
 def module_saliency(drlora) -> tuple[np.ndarray, tuple[int, ...]]:

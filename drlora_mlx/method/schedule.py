@@ -209,7 +209,7 @@ def allocate(ranks: np.ndarray, saliency: np.ndarray, quota: int, r_max: int, mo
     return new
 
 
-def grow(
+def allocate_event(
     ranks: np.ndarray,
     saliency: np.ndarray,
     schedule: GrowthSchedule,
@@ -248,13 +248,13 @@ def grow(
 
 def delivered(schedule: GrowthSchedule, n_layers: int = 1, allocation: str = "per-layer") -> list[tuple[int, np.ndarray]]:
     """What the allocator delivers over a run: (step, ranks added per layer)
-    for every event, from ``grow`` itself on the worst-case tie order (every
+    for every event, from ``allocate_event`` itself on the worst-case tie order (every
     saliency equal, so modules fill up in index order and saturate soonest)."""
     ranks = np.full((n_layers, schedule.n_modules), schedule.r_init, dtype=np.int64)
     ties = np.zeros(ranks.shape)
     events = []
     for step in schedule.event_steps():
-        new = grow(ranks, ties, schedule, step, allocation)
+        new = allocate_event(ranks, ties, schedule, step, allocation)
         events.append((step, (new - ranks).sum(axis=1)))
         ranks = new
     return events

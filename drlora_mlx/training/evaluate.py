@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..formats.adapters import load_into, read_config
+from ..formats.adapters import load_into, read_adapter_config
 from ..config.settings import ConfigError, TrainingArgs, resolve
 from ..data.batches import eval_batches
 from ..data.loading import FEATURES
@@ -47,7 +47,7 @@ def test_loss(model, drlora, dataset, batch_size: int, max_seq_length: int, batc
 
 def recorded_settings(adapter_path: str | Path) -> dict:
     """The training settings a saved adapter records (its model and data resolved to what the run used)."""
-    record = read_config(adapter_path)
+    record = read_adapter_config(adapter_path)
     known = set(TrainingArgs.__dataclass_fields__)
     return {k: v for k, v in record.get("training", {}).items() if k in known}
 

@@ -129,8 +129,8 @@ def model_shape(model: nn.Module, targets: tuple[str, ...], config: dict) -> Mod
     ``targets``; ``config``: its config.json keys (top-k, attention heads)."""
     from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
-    from ..lora.attach import _SWITCH_MLP_NAMES
     from ..families import UnsupportedModelError, family_of
+    from ..families.mlx_lm_names import projection_name
 
     layers = []
     hidden = expert_dim = 0
@@ -138,14 +138,13 @@ def model_shape(model: nn.Module, targets: tuple[str, ...], config: dict) -> Mod
         for _, experts in layer.named_modules():
             if not isinstance(experts, (SwitchGLU, SwitchMLP)):
                 continue
-            names = _SWITCH_MLP_NAMES if isinstance(experts, SwitchMLP) else {}
-            missing = [t for t in targets if names.get(t, t) not in experts]
+            missing = [t for t in targets if projection_name(experts, t) not in experts]
             if missing:
                 raise UnsupportedModelError(f"{family_of(model)}: target {missing[0]!r} is not one of the experts' "
                                             "projections; use up_proj and down_proj")
-            modules = [experts[names.get(t, t)] for t in targets]
+            modules = [experts[projection_name(experts, t)] for t in targets]
             layers.append(tuple((m.num_experts, m.input_dims, m.output_dims) for m in modules))
-            up = experts[names.get("up_proj", "up_proj")]
+            up = experts[projection_name(experts, "up_proj")]
             hidden, expert_dim = up.input_dims, up.output_dims
     if not layers:
         raise UnsupportedModelError(
@@ -251,7 +250,7 @@ def estimate_peak_bytes(model, drlora, batch_size: int, seq_len: int, grad_check
     args = getattr(model, "args", None)
     shape = model_shape(model, drlora.targets, vars(args) if args is not None else {})
     fixed = sum(lora.lora_a.size + lora.lora_b.size for _, lora in drlora.extra_loras)
-    return peak_estimate(shape, drlora.config, drlora.config.layout, batch_size, seq_len, grad_checkpoint,
+    return peak_estimate(shape, drlora.config, drlora.config.resolved_lora_layout, batch_size, seq_len, grad_checkpoint,
                          fixed_rank_lora=fixed)
 
 
@@ -278,7 +277,7 @@ def largest_rank(peak_at, budget: int, cap: int) -> int:
 # ----- a model from its config.json alone ---------------------------------------------------
 
 
-def read_config(model: str) -> dict:
+def read_model_config(model: str) -> dict:
     """config.json of a local model folder or of a Hugging Face id (only that file is fetched)."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -348,14 +347,14 @@ def model_from_config(config: dict) -> nn.Module:
     """The mlx-lm model ``config`` describes, in the dtype and quantization its
     weights would load with, but without weights: nothing is evaluated."""
     from mlx_lm.models.switch_layers import SwitchLinear
-    from mlx_lm.utils import _get_classes  # mlx-lm's own model_type -> model file resolution
 
     from ..families import lookup
+    from ..families.mlx_lm_names import model_classes
 
     if "model_type" not in config:
         raise ModelError("config.json has no model_type: give the config.json of a Hugging Face / mlx-lm model")
     try:
-        model_class, args_class = _get_classes(config)
+        model_class, args_class = model_classes(config)
         model = model_class(args_class.from_dict(config))
     except Exception as e:  # an unknown model type or a config its model file cannot read: say so in one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -393,10 +392,10 @@ def memory_plan(model: str, config: DRLoRAConfig, batch_size: int, seq_len: int,
     """The memory a run of ``config`` on ``model`` (a folder or a Hugging Face id,
     of which only config.json is read) needs, in both layouts, against what this
     machine can give; for ``drlora-mlx plan --model``."""
-    settings = read_config(model)
+    settings = read_model_config(model)
     shape = model_shape(model_from_config(settings), config.targets, settings)
     quantization = _quantization(settings)[0] or {}
-    layout = config.layout
+    layout = config.resolved_lora_layout
     available = available_bytes()
     budget = int(FIT_SHARE * available)
     estimates = {l: peak_estimate(shape, config, l, batch_size, seq_len, grad_checkpoint) for l in LAYOUTS}

@@ -174,7 +174,7 @@ class Trainer:
     # ----- the compiled step ----------------------------------------------------
 
     def _state(self):
-        return [self.model.state, self.optimizer.state, mx.random.state, self.drlora.state.state]
+        return [self.model.state, self.optimizer.state, mx.random.state, self.drlora.routing.state]
 
     def _compiled(self, update: bool):
         # Growth changes values only (masks, slot tables); new steps are traced only when the trained
@@ -238,7 +238,7 @@ class Trainer:
         ``routing`` their routing sums and ``n_tokens`` their loss tokens."""
         if self.schedule.n_events:  # uniform LoRA never grows: no statistics to keep
             self.drlora.update_statistics(grads, routing, n_tokens)
-        guard = needs_rank_guard(self.args) and self.drlora.config.layout == "masked"
+        guard = needs_rank_guard(self.args) and self.drlora.config.resolved_lora_layout == "masked"
         before = self.drlora.factors() if guard else None
         self.optimizer.update(self.model, grads)
         if before is not None:
@@ -365,7 +365,7 @@ class Trainer:
         self.batch_state = dict(meta["batches"])
         self.skipped = int(meta.get("skipped", 0))
         self.mean_rank = float(self.drlora.ranks().mean())
-        mx.eval(self.model.parameters(), self.optimizer.state, self.drlora.state.parameters())
+        mx.eval(self.model.parameters(), self.optimizer.state, self.drlora.routing.parameters())
 
     # ----- the loop -------------------------------------------------------------
 
