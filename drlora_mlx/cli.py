@@ -2,7 +2,8 @@
 
 Every ``train`` flag is a field of ``TrainingArgs`` or ``DRLoRAConfig``
 (``--r-init`` is ``r_init``), so the flags, the YAML file given with ``-c`` and
-the Python API are one set of names (``config.resolve`` layers them).
+the Python API are one set of names (``config.settings.resolve`` layers them); the
+command line only parses, and ``training.run.run`` decides and trains.
 
 An error a user can cause ends with one line on stderr and exit code 2; a run
 stopped for another reason (a non-finite step, a signal) with its own code.
@@ -16,7 +17,7 @@ from dataclasses import fields
 
 import click
 
-from .config.settings import DRLoRAConfig, TrainingArgs, read_yaml, resolve
+from .config.settings import DRLoRAConfig, TrainingArgs, read_yaml
 from .errors import DRLoRAError, InputError
 
 EXIT_BAD_INPUT = InputError.exit_code
@@ -80,9 +81,7 @@ def cli():
 
 
 def _train(ctx: click.Context, config_file: str | None, **_):
-    from .training.lock import holding
-    from .training.start import decide
-    from .training.run import launched_world, run
+    from .training.run import run
 
     given = _given(ctx)
     given.pop("config_file", None)
@@ -95,12 +94,7 @@ def _train(ctx: click.Context, config_file: str | None, **_):
                              "in --adapter-path, or give --iters to train")
         _evaluate(ctx, config_file)
         return
-    adapter_path = layered.get("adapter_path") or TrainingArgs.__dataclass_fields__["adapter_path"].default
-    world = launched_world()
-    with holding(adapter_path, world):  # decided and trained under one lock
-        start = decide(adapter_path, bool(layered.get("resume")), layered.get("resume_from"))
-        args, config = resolve(given, file_settings, f"config file {config_file}", start.base_settings())
-        run(args, config, world=world, start=start)
+    run(file_settings=file_settings, source=f"config file {config_file}", **given)
 
 
 def _make_train_command():
@@ -256,9 +250,9 @@ cli.add_command(_make_plan_command())
 @click.option("--png", "png_path", type=str, default=None, help="Also write a heatmap image (layers x experts per projection).")
 def ranks(adapter_path, as_json, png_path):
     """Show the active rank of every expert module of a trained adapter."""
-    from .formats.adapters import read_ranks
     from .display.png import rank_heatmap_png
     from .display.progress import rank_heatmap
+    from .formats.adapters import read_ranks
 
     info = read_ranks(adapter_path)
     if as_json:
@@ -328,8 +322,8 @@ def fuse(model, adapter_path, save_path, dequantize, requantize):
 
 
 def _evaluate(ctx: click.Context, config_file: str | None, **_):
+    from .training.distributed import launched_world
     from .training.evaluate import evaluate_adapter, evaluation_settings
-    from .training.run import launched_world
 
     given = _given(ctx)
     given.pop("config_file", None)

@@ -4,8 +4,9 @@ The lock is ``fcntl.flock`` on ``<adapter-path>/.drlora-mlx.lock``: a second run
 into the same folder is refused at once, and a lock left by a process that
 died (even by SIGKILL) is free again, since the kernel drops it with the
 process. The file records the holder's process id for the message.
-Re-entrant within a process; data-parallel processes other than 0 take none
-(process 0 writes for all of them).
+A run takes it once (``training.run.run``, before it decides where it
+starts); data-parallel processes other than 0 take none (process 0 writes for
+all of them).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from ..errors import InputError
 from ..files import storage
 
 LOCK = ".drlora-mlx.lock"
-_HELD: dict[Path, int] = {}  # folder -> depth, in this process
 
 
 class FolderInUse(InputError):
@@ -32,13 +32,6 @@ def holding(adapter_path: str | os.PathLike, world=None):
     folder = Path(adapter_path).resolve()
     if world is not None and world.rank() != 0:
         yield
-        return
-    if folder in _HELD:  # this process holds it already (the command line, then train.run)
-        _HELD[folder] += 1
-        try:
-            yield
-        finally:
-            _HELD[folder] -= 1
         return
     with storage("the run's lock", folder):
         folder.mkdir(parents=True, exist_ok=True)
@@ -57,10 +50,8 @@ def holding(adapter_path: str | os.PathLike, world=None):
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    _HELD[folder] = 1
     try:
         yield
     finally:
-        del _HELD[folder]
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()

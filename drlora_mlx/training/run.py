@@ -1,44 +1,44 @@
 """One training run, start to finish: model, data, adapter, loop, outputs.
 
-``run(args, config)`` is what ``drlora-mlx train`` does; the CLI only parses.
+``run(...)`` is what ``drlora-mlx train`` does; the command line only parses.
 Without ``args.model`` it trains the built-in tiny MoE (made and cached on
 first use) on the bundled tasks, offline.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
-import sys
-import threading
-import time
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from . import checkpoint
-from . import faults
-from .adapter_start import start_from_adapter_file
-from ..formats.adapters import save_adapter
-from ..lora.attach import attach
-from ..config.settings import DRLoRAConfig, TrainingArgs, run_settings
-from .checkpoint import CheckpointError
-from ..data.loading import FEATURES, bundled_data_dir, check_lengths, fingerprint, load_datasets
-from ..errors import InputError, RunStopped
-from ..files import StorageError
-from ..formats.peft import import_peft
-from .memory import available_bytes, estimate_peak_bytes, memory_warning
-from ..formats.base_model import load_base
+from ..config.settings import DRLoRAConfig, TrainingArgs, resolve, run_settings
+from ..data.loading import (
+    FEATURES,
+    bundled_data_dir,
+    check_lengths,
+    fingerprint,
+    load_datasets,
+)
 from ..display.progress import MetricsLog, Progress
 from ..display.report import run_summary
-from .lock import holding
-from .start import Start, decide
+from ..errors import InputError, RunStopped
+from ..files import StorageError
+from ..formats.adapters import save_adapter
+from ..formats.base_model import load_base
+from ..formats.peft import import_peft
 from ..formats.tiny import BUILTIN_FAMILY, builtin_model_path
+from ..lora.attach import attach
+from . import checkpoint, faults
+from .adapter_start import start_from_adapter_file
+from .checkpoint import CheckpointError
+from .distributed import PeerLost, Peers, barrier, launched_world, watchdog
+from .lock import holding
+from .memory import available_bytes, estimate_peak_bytes, memory_warning
+from .start import Start, decide
 from .trainer import Trainer, TrainResult
 
 
@@ -63,11 +63,6 @@ def _clear_finished_run(adapter_path: Path) -> None:
     (adapter_path / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def _barrier(world) -> None:
-    if world is not None:
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world, stream=mx.cpu))
-
-
 @contextmanager
 def _stop_on_signals(trainer: Trainer):
     """SIGINT / SIGTERM finish the current iteration, then stop the loop; a
@@ -87,22 +82,6 @@ def _stop_on_signals(trainer: Trainer):
         for s, h in previous.items():
             if signal.getsignal(s) is handler:  # (a handler the run replaced on its way out stays)
                 signal.signal(s, h)
-
-
-class PeerLost(RunStopped):
-    """A data-parallel process is gone; the others stop instead of waiting for it."""
-
-    exit_code = 6
-
-    def __init__(self, who: str, iteration: int, last: str):
-        super().__init__(f"{who} is gone (its connection was lost after iteration {iteration}), so this run "
-                         f"stopped; {last} (with any number of processes)")
-
-
-def _peer_table(world) -> mx.array:
-    """(processes, 2): every process's id and a hash of its host name."""
-    me = mx.array([os.getpid(), zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF], dtype=mx.int32)
-    return mx.distributed.all_gather(me[None], group=world, stream=mx.cpu)
 
 
 class _Run:
@@ -130,7 +109,7 @@ class _Run:
             self.say(f"No --data given: using the bundled tasks ({self.data})")
         if self.world is not None:
             size = self.world.size()
-            self.peers = np.asarray(_peer_table(self.world))
+            self.peers = Peers(self.world)
             self.say(f"data-parallel over {size} processes: each takes {self.args.batch_size // size} of the "
                      f"{self.args.batch_size} examples of every batch")
         if self.rank == 0:
@@ -169,12 +148,14 @@ class _Run:
         self.data_sha256 = fingerprint(self.train_set)
 
     def prepare(self) -> None:
-        """The trainer, what it will do, and the state it starts from."""
+        """The output folder, then the trainer, what it will do, and the state it starts from."""
         args, drlora = self.args, self.drlora
         self.say(drlora.report())
+        schedule = drlora.schedule(args.optimizer_steps)  # refused, if it must be, before the folder changes
+        self._prepare_folder()
         self.trainer = Trainer(self.model, drlora, args, progress=Progress(args.iters, enabled=self.rank == 0),
-                               world=self.world, reporter=self.reporter)
-        schedule = self.trainer.schedule
+                               metrics=MetricsLog(self.adapter_path / "metrics.jsonl", enabled=self.rank == 0),
+                               world=self.world, reporter=self.reporter, schedule=schedule)
         if self.config.method == "drlora":
             self.say(
                 f"growth: {schedule.event_count} events every {schedule.grow_every} optimizer steps from step "
@@ -188,6 +169,13 @@ class _Run:
         if warning:
             self.say(warning)
         if self.start.kind == "resume":
+            self.trainer.restore(self.start.arrays, self.start.meta)
+            self.say(f"resuming from {self.start.source} at iteration {self.trainer.iteration} of {args.iters}")
+
+    def _prepare_folder(self) -> None:
+        """A resumed run checks that its data is the checkpoint's; a new one clears the finished run
+        the folder may hold. Either way the folder exists afterwards."""
+        if self.start.kind == "resume":
             recorded = self.start.meta.get("data_sha256")
             if recorded is not None and recorded != self.data_sha256:
                 raise CheckpointError(
@@ -195,15 +183,12 @@ class _Run:
                     f"{self.start.source} was trained "
                     "on (its examples changed); resume with the same data or train into a new --adapter-path"
                 )
-            self.trainer.restore(self.start.arrays, self.start.meta)
-            self.say(f"resuming from {self.start.source} at iteration {self.trainer.iteration} of {args.iters}")
         else:
-            _barrier(self.world)  # every process has checked the output folder before it changes
+            barrier(self.world)  # every process has checked the output folder before it changes
             if self.rank == 0:
                 _clear_finished_run(self.adapter_path)
         if self.rank == 0:
             self.adapter_path.mkdir(parents=True, exist_ok=True)
-        self.trainer.metrics = MetricsLog(self.adapter_path / "metrics.jsonl", enabled=self.rank == 0)
 
     def save_adapter(self) -> dict:
         """The adapter as it is now (process 0 only); what was written."""
@@ -226,42 +211,13 @@ class _Run:
                 raise StorageError(f"{e}; {self._last_checkpoint()}") from None
         self.saved_at.append(iteration)
 
-    def _lost_peers(self) -> str:
-        """Which processes are gone: on this host, those whose process ended; else the ring neighbours."""
-        host, rank, size = self.peers[self.rank, 1], self.rank, self.world.size()
-        dead = [r for r, (pid, h) in enumerate(self.peers) if r != rank and h == host and not _alive(int(pid))]
-        if dead:
-            return "data-parallel process " + ", ".join(str(r) for r in dead)
-        neighbours = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
-        return "data-parallel process " + " or ".join(str(r) for r in neighbours)
-
-    @contextmanager
     def _watchdog(self):
-        """In a data-parallel run, a process that waits in a collective for longer than --peer-timeout
-        seconds after the last finished iteration stops, saying so (a peer that hangs never closes its
-        connection)."""
-        if self.world is None:
-            yield
-            return
-        done = threading.Event()
-        seen = [self.trainer.iteration, time.monotonic()]
-
-        def watch():
-            while not done.wait(1.0):
-                if self.trainer.iteration != seen[0]:
-                    seen[:] = [self.trainer.iteration, time.monotonic()]
-                elif self.trainer.iteration > 0 and time.monotonic() - seen[1] > self.args.peer_timeout:
-                    print(f"drlora-mlx: error: no progress for {self.args.peer_timeout} s after iteration "
-                          f"{self.trainer.iteration}: {self._lost_peers()} stopped answering; "
-                          f"{self._last_checkpoint()}", file=sys.stderr, flush=True)
-                    os._exit(PeerLost.exit_code)
-
-        thread = threading.Thread(target=watch, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
+        """A data-parallel process that waits in a collective for longer than --peer-timeout seconds
+        after the last finished iteration stops, saying so."""
+        timeout = self.args.peer_timeout
+        return watchdog(self.world, lambda: self.trainer.iteration, timeout,
+                        lambda it: f"no progress for {timeout} s after iteration {it}: {self.peers.lost()} stopped "
+                                   f"answering; {self._last_checkpoint()}")
 
     def _last_checkpoint(self) -> str:
         done = checkpoint.complete(self.adapter_path)
@@ -281,7 +237,7 @@ class _Run:
                 # mlx.launch stops the other processes with SIGTERM once one has died: this one is stopping
                 # anyway and says why.
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                raise PeerLost(self._lost_peers(), self.trainer.iteration, self._last_checkpoint()) from None
+                raise PeerLost(self.peers.lost(), self.trainer.iteration, self._last_checkpoint()) from None
             finally:
                 self.trainer.progress.close()
             if result.interrupted:
@@ -335,20 +291,32 @@ def reporting_callback(args: TrainingArgs, config: DRLoRAConfig):
                                              log_dir=args.adapter_path, config=settings)
 
 
-def launched_world():
-    """The data-parallel group this process was launched in (``mlx.launch``), or None."""
-    launched = mx.distributed.init()
-    return launched if launched.size() > 1 else None
+def run(args: TrainingArgs | None = None, config: DRLoRAConfig | None = None, *, world=None, out=None,
+        file_settings: dict | None = None, source: str = "config file", **settings) -> TrainResult:
+    """Train (or continue, with ``resume`` / ``resume_from``), save the adapter
+    and checkpoints to ``adapter_path`` and print a summary.
 
-
-def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None, start: Start | None = None) -> TrainResult:
-    """Train (or continue, with ``args.resume`` / ``args.resume_from``), save
-    the adapter and checkpoints to ``args.adapter_path`` and print a summary.
-    ``start``: where the run starts, when the caller has decided it already.
-    The adapter folder is locked for the run: a second run into it is refused."""
+    The settings come resolved, as ``args`` and ``config``, or as a user gives
+    them: by name (``run(model=..., iters=200, r_init=4)``, the command line's
+    flags with underscores) over ``file_settings`` (a YAML file's, ``source``
+    in messages) over the defaults; a resumed run then keeps its own settings
+    where these name none. The adapter folder is locked for the whole run, and
+    where the run starts is decided once, under that lock; a second run into
+    the folder is refused. ``out``: where the report lines go (print)."""
+    if (args is not None or config is not None) and (settings or file_settings):
+        raise InputError("give run() TrainingArgs and DRLoRAConfig, or settings by name, not both")
     world = world if world is not None else launched_world()
-    with holding(args.adapter_path, world):
-        start = start or decide(args.adapter_path, args.resume, args.resume_from)
+    if args is not None or config is not None:
+        args, config = args or TrainingArgs(), config or DRLoRAConfig()
+        adapter_path, resume, resume_from = args.adapter_path, args.resume, args.resume_from
+    else:
+        layered = {**(file_settings or {}), **settings}
+        adapter_path = layered.get("adapter_path") or TrainingArgs.__dataclass_fields__["adapter_path"].default
+        resume, resume_from = bool(layered.get("resume")), layered.get("resume_from")
+    with holding(adapter_path, world):
+        start = decide(adapter_path, resume, resume_from)
+        if args is None:
+            args, config = resolve(settings, file_settings, source, start.base_settings())
         start.check(args, config)
         job = _Run(args, config, world, out, start)
         job.sources()
@@ -357,13 +325,3 @@ def run(args: TrainingArgs, config: DRLoRAConfig, world=None, out=None, start: S
         result = job.train()
         job.finish(result)
     return result
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

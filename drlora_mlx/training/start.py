@@ -1,4 +1,4 @@
-"""Where a run starts: decided once, used by the command line and ``train.run`` alike.
+"""Where a run starts, decided once under the run's lock (``run.run``).
 
 - fresh: a new run into ``--adapter-path`` (which may hold a finished run,
   never an unfinished one);
@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoint
-from .checkpoint import CheckpointError
 from ..config.settings import run_settings
 from ..formats.peft import EXPORT_INFO, read_export
+from . import checkpoint
+from .checkpoint import CheckpointError
 
 # Settings a resumed run takes from the command line, not from its checkpoint.
 _OWN_SETTINGS = ("resume", "resume_from", "adapter_path")

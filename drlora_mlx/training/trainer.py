@@ -27,19 +27,20 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ..lora import codec
-from .checkpoint import CheckpointError
 from ..config.settings import TrainingArgs
-from ..lora.handle import DRLoRA
-from ..errors import RunStopped
 from ..data.batches import Batches
-from .evaluate import test_loss
-from ..method.growth import grow
-from ..method.importance import row_sums
-from .loss import loss_mask, make_loss
-from .optimizers import make_optimizer, needs_rank_guard
 from ..display.progress import MetricsLog, Progress
 from ..display.report import event_summary
+from ..errors import RunStopped
+from ..lora import codec
+from ..lora.handle import DRLoRA
+from ..method.growth import grow
+from ..method.importance import row_sums
+from ..method.schedule import GrowthSchedule
+from .checkpoint import CheckpointError
+from .evaluate import test_loss
+from .loss import loss_mask, make_loss
+from .optimizers import make_optimizer, needs_rank_guard
 
 
 class DivergenceError(RunStopped):
@@ -141,16 +142,18 @@ class Trainer:
     """Runs ``args.iters`` iterations of DR-LoRA training on ``model``."""
 
     def __init__(self, model, drlora: DRLoRA, args: TrainingArgs, progress: Progress | None = None,
-                 metrics: MetricsLog | None = None, world=None, reporter=None):
+                 metrics: MetricsLog | None = None, world=None, reporter=None,
+                 schedule: GrowthSchedule | None = None):
         """``reporter``: an mlx-lm ``TrainingCallback`` that process 0 gives every
-        train and validation report, in mlx-lm's keys."""
+        train and validation report, in mlx-lm's keys; ``schedule``: the growth
+        schedule of ``args`` when the caller has made it already."""
         self.model = model
         self.drlora = drlora
         self.args = args
         self.world = world
         self.rank = world.rank() if world is not None else 0
         self.world_size = world.size() if world is not None else 1
-        self.schedule = drlora.schedule(args.optimizer_steps)
+        self.schedule = schedule or drlora.schedule(args.optimizer_steps)
         self.optimizer, self.lora_optimizer = make_optimizer(drlora, args, self.schedule.warmup_steps)
         self.optimizer.init(model.trainable_parameters())
         self.progress = progress or Progress(args.iters, enabled=False)
