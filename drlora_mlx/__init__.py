@@ -1,21 +1,20 @@
 """DR-LoRA: dynamic-rank LoRA for Mixture-of-Experts models, on MLX.
 
-What a user calls, in one place::
+What a user calls is a name of this package (README, "Python API")::
 
     import drlora_mlx
 
-    model, tokenizer = mlx_lm.load("Qwen/Qwen3-30B-A3B-4bit")
-    drlora = drlora_mlx.attach(model, drlora_mlx.DRLoRAConfig(r_init=8, r_target=16, r_max=32))
-    drlora_mlx.run(drlora_mlx.TrainingArgs(model="...", data="..."), drlora_mlx.DRLoRAConfig())
+    drlora_mlx.run(model="Qwen/Qwen3-30B-A3B-4bit", data="my_data", r_init=8, r_target=16, r_max=32)
     model, tokenizer, drlora = drlora_mlx.load("Qwen/Qwen3-30B-A3B-4bit", adapter_path="adapters")
 
-The package's rooms: ``method/`` (the paper's equations), ``lora/`` (LoRA on
-MoE experts), ``training/``, ``formats/`` (mlx-lm adapters, PEFT, fuse,
-Hugging Face checkpoints), ``data/``, ``display/``, ``families/`` and
-``config/``; ``docs/METHOD.md`` is the method as this package implements it.
+The rooms: ``method/`` (the paper's equations), ``families/``, ``config/``,
+``lora/`` (LoRA on MoE experts), ``data/``, ``display/``, ``formats/``
+(mlx-lm adapters, PEFT, fuse, Hugging Face checkpoints) and ``training/``;
+docs/METHOD.md is the method as this package implements it.
 """
 
 from .config.settings import DRLoRAConfig, TrainingArgs
+from .errors import DRLoRAError, InputError
 from .formats.adapters import load
 from .formats.fuse import fuse
 from .formats.peft import export_peft, import_peft
@@ -29,6 +28,8 @@ from .version import __version__
 __all__ = [
     "DRLoRA",
     "DRLoRAConfig",
+    "DRLoRAError",
+    "InputError",
     "TrainingArgs",
     "__version__",
     "attach",

@@ -42,9 +42,9 @@ from mlx_lm import load as mlx_lm_load  # noqa: E402
 from mlx_lm.tuner.trainer import default_loss  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
-from drlora_mlx.lora.attach import attach  # noqa: E402
 from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs  # noqa: E402
 from drlora_mlx.formats.tiny import TinyShape, tiny_model_path  # noqa: E402
+from drlora_mlx.lora.attach import attach  # noqa: E402
 from drlora_mlx.training.trainer import Trainer  # noqa: E402
 
 SHAPES = {

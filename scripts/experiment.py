@@ -38,17 +38,6 @@ reexec_with_openblas()
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx_lm import load as mlx_lm_load  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
-
-from drlora_mlx.lora.attach import attach  # noqa: E402
-from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs  # noqa: E402
-from drlora_mlx.data.batches import eval_batches  # noqa: E402
-from drlora_mlx.data.loading import load_datasets, read_jsonl  # noqa: E402
-from drlora_mlx.formats.tiny import TinyShape  # noqa: E402
-from drlora_mlx.training.loss import make_loss  # noqa: E402
-from drlora_mlx.training.trainer import Trainer  # noqa: E402
-
 from experiment_base import Pretraining, pretrained_base  # noqa: E402
 from experiment_data import TASKS, write_task  # noqa: E402
 from experiment_report import (  # noqa: E402
@@ -60,6 +49,16 @@ from experiment_report import (  # noqa: E402
     results_table,
     specialisation_table,
 )
+from mlx_lm import load as mlx_lm_load  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs  # noqa: E402
+from drlora_mlx.data.batches import eval_batches  # noqa: E402
+from drlora_mlx.data.loading import load_datasets, read_jsonl  # noqa: E402
+from drlora_mlx.formats.tiny import TinyShape  # noqa: E402
+from drlora_mlx.lora.attach import attach  # noqa: E402
+from drlora_mlx.training.loss import make_loss  # noqa: E402
+from drlora_mlx.training.trainer import Trainer  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from experiment_data import DOMAINS, corpus
 from mlx.utils import tree_flatten
 
 from drlora_mlx.formats.tiny import TinyShape, build_tiny, build_tokenizer
-
-from experiment_data import DOMAINS, corpus
 
 RECIPE_VERSION = 2  # bump when the recipe changes, so cached bases rebuild
 

@@ -28,11 +28,11 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm import load as mlx_lm_load  # noqa: E402
 
-from drlora_mlx.lora.attach import attach  # noqa: E402
 from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs  # noqa: E402
 from drlora_mlx.families import FAMILIES  # noqa: E402
 from drlora_mlx.families.spec import TinyShape  # noqa: E402
 from drlora_mlx.formats.tiny import build_tiny  # noqa: E402
+from drlora_mlx.lora.attach import attach  # noqa: E402
 from drlora_mlx.training.trainer import Trainer  # noqa: E402
 
 SHAPE = TinyShape(hidden=256, layers=4, experts=16, top_k=2, expert_dim=128, heads=8, kv_heads=2, vocab=512)
@@ -50,7 +50,9 @@ def build(family: str, root: Path, attention_only: bool) -> Path:
         config = json.loads((path / "config.json").read_text())
         config.update(MODELS[family])
         (path / "config.json").write_text(json.dumps(config))
-        from drlora_mlx.families.mlx_lm_names import model_classes  # re-initialised weights of the changed layers, same sizes elsewhere
+        from drlora_mlx.families.mlx_lm_names import (
+            model_classes,  # re-initialised weights of the changed layers, same sizes elsewhere
+        )
 
         model_class, args_class = model_classes(config)
         model = model_class(args_class.from_dict(config))

@@ -20,15 +20,19 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from decimal import Decimal
 from dataclasses import asdict, dataclass, field, fields
+from decimal import Decimal
 from typing import NamedTuple
 
 from ..errors import ConfigError
 from ..families.mlx_lm_names import EXPERT_CONTAINERS, EXPERT_PROJECTIONS, PROJECTION_OF
-from .optimizer_choices import OPTIMIZER_CLASSES, check_optimizer_settings, check_schedule_block
 from ..method.saliency import SALIENCY_MODES
 from ..method.schedule import GrowthSchedule, auto_grow_every, auto_growth_buffer
+from .optimizer_choices import (
+    OPTIMIZER_CLASSES,
+    check_optimizer_settings,
+    check_schedule_block,
+)
 
 METHODS = ("drlora", "lora")
 TRAIN_ROUTER = ("after-warmup", "never", "always")

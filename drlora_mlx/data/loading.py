@@ -1,4 +1,4 @@
-"""Training data: mlx-lm's formats from local folders or Hugging Face datasets,.
+"""Training data: mlx-lm's formats from local folders or Hugging Face datasets.
 
 ``load_datasets`` reads the train, valid and test splits from one of:
 

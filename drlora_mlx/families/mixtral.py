@@ -7,7 +7,14 @@ at decoder-layer level)."""
 from __future__ import annotations
 
 from .rules import gated, router_scores, topk_then_softmax
-from .spec import FUSED_IN_TRANSFORMERS_4, FUSED_ONLY, W_NAMES, Family, HFFamily, TinyShape
+from .spec import (
+    FUSED_IN_TRANSFORMERS_4,
+    FUSED_ONLY,
+    W_NAMES,
+    Family,
+    HFFamily,
+    TinyShape,
+)
 
 
 def _gemma4_text(s: TinyShape) -> dict:

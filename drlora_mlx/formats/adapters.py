@@ -22,14 +22,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..version import __version__
-from ..lora import codec
-from ..lora.attach import attach
-from ..lora.routing import router_linear
 from ..config.settings import DRLoRAConfig
-from ..lora.handle import DRLoRA
 from ..errors import InputError
 from ..files import FileSet, storage
+from ..lora import codec
+from ..lora.attach import attach
+from ..lora.handle import DRLoRA
+from ..lora.routing import router_linear
+from ..version import __version__
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

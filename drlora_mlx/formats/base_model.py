@@ -19,7 +19,11 @@ class ModelError(InputError):
 def load_base(model: str, trust_remote_code: bool = False):
     """(model, tokenizer) from a local folder or a Hugging Face id, via mlx_lm.load
     (``trust_remote_code`` as mlx_lm.lora passes it, to the tokenizer and the model)."""
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
     from mlx_lm import load
 
     path = Path(model).expanduser()

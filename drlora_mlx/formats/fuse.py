@@ -23,12 +23,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .adapters import load_into, read_adapter_config
 from ..errors import InputError
 from ..families import FAMILIES, family_of
-from .hf_checkpoint import copy_tokenizer, readable_by_both, save_hf_checkpoint, save_weights
 from ..lora.routing import unobserve
 from ..lora.tree import module_at, replace_module
+from .adapters import load_into, read_adapter_config
+from .hf_checkpoint import (
+    copy_tokenizer,
+    readable_by_both,
+    save_hf_checkpoint,
+    save_weights,
+)
 
 PROBE_TEXTS = 4
 PROBE_TOKENS = 64

@@ -28,17 +28,33 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..version import __version__
-from .adapters import ADAPTER_WEIGHTS, AdapterError, read_arrays, read_adapter_config, read_json, read_state
-from ..lora.attach import attach
 from ..config.settings import DRLoRAConfig
-from ..lora.handle import DRLoRA
 from ..errors import InputError
-from ..files import write_bytes, write_json
 from ..families import family_of, hf_family
 from ..families.mlx_lm_names import EXPERT_PROJECTIONS
 from ..families.spec import HFFamily
-from .peft_layout import PREFIX, Module, Pair, fused_plan, linear_plan, pack, per_expert_plan, unpack
+from ..files import write_bytes, write_json
+from ..lora.attach import attach
+from ..lora.handle import DRLoRA
+from ..version import __version__
+from .adapters import (
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    read_adapter_config,
+    read_arrays,
+    read_json,
+    read_state,
+)
+from .peft_layout import (
+    PREFIX,
+    Module,
+    Pair,
+    fused_plan,
+    linear_plan,
+    pack,
+    per_expert_plan,
+    unpack,
+)
 
 LAYOUTS = ("fused", "per-expert")
 PEFT_CONFIG = "adapter_config.json"

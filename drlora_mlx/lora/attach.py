@@ -14,19 +14,23 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
+from mlx_lm.models.switch_layers import (
+    QuantizedSwitchLinear,
+    SwitchGLU,
+    SwitchLinear,
+    SwitchMLP,
+)
 from mlx_lm.tuner.lora import LoRALinear
 
 from ..config.settings import ConfigError, DRLoRAConfig
-from .handle import DRLoRA, MoELayer, RoutingState
 from ..families import UnsupportedModelError, lookup
 from ..families.mlx_lm_names import SWITCH_MLP_NAMES, projection_name
+from .handle import DRLoRA, MoELayer, RoutingState
 from .masked import MaskedLoRASwitchLinear, dequantized_weight
 from .pooled import PooledLoRASwitchLinear, RankPool
 from .probe import applied_weights
 from .routing import RoutingRecorder, RoutingSite, observe, router_weight
 from .tree import child_modules, module_at, replace_module
-
 
 
 def _as_float_linear(linear: nn.Module) -> nn.Linear:

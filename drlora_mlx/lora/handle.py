@@ -19,8 +19,8 @@ from mlx.utils import tree_flatten
 from ..config.settings import DRLoRAConfig
 from ..method.importance import update_importance
 from .pooled import RankPool
-from .summary import describe, parameter_counts
 from .routing import RoutingRecorder, router_weight, update_frequency
+from .summary import describe, parameter_counts
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Rank-masked LoRA for a bank of MoE experts (SPEC.md, Eq. 3 and 10).
+"""Rank-masked LoRA for a bank of MoE experts (docs/METHOD.md, section 2: Eq. 3 and 10).
 
 Each expert e of an mlx-lm ``SwitchLinear`` / ``QuantizedSwitchLinear`` gets
 A[e] (r_max x in), B[e] (out x r_max) and a prefix-shaped 0/1 rank mask:

@@ -1,7 +1,7 @@
-"""The pooled layout of the expert LoRA: storage that follows the rank budget.
+"""The pooled layout of the expert LoRA: storage that follows the rank budget (docs/METHOD.md, section 10).
 
 Per-layer allocation promises that every MoE layer ends at exactly
-N_mod x r_target active ranks (SPEC.md, growth schedule), so a layer's LoRA
+N_mod x r_target active ranks (docs/METHOD.md, section 6), so a layer's LoRA
 state needs room for that many ranks, not N_mod x r_max. A ``RankPool`` holds
 them: S = N_mod x r_target rank slots plus one null slot, each slot one A row
 and one B column of some (module, expert, rank). An up (or gate) projection

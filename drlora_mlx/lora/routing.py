@@ -1,4 +1,4 @@
-"""Routing statistics (SPEC.md, Eq. 5): what each expert receives.
+"""Routing statistics (docs/METHOD.md, section 3: Eq. 5): what each expert receives.
 
 The experts module and the router of every MoE block get a subclass of their
 own class (same parameters, same paths) that reports its inputs or outputs to

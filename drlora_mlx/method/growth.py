@@ -1,4 +1,4 @@
-"""Growth events on an attached model (SPEC.md, Algorithm 1).
+"""Growth events on an attached model (docs/METHOD.md, section 6: Algorithm 1).
 
 Between optimizer steps: read the statistics as numpy (layers x modules),
 score every module by its saliency, let the allocator (``schedule.allocate_event``) hand

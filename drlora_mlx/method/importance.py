@@ -1,4 +1,4 @@
-"""Rank importance (SPEC.md, Eq. 6-8), from the gradients the step already has.
+"""Rank importance (docs/METHOD.md, section 4: Eq. 6-8), from the gradients the step already has.
 
 For rank j of one expert's module, with a_j row j of A and b_j column j of B:
 

@@ -1,4 +1,4 @@
-"""Expert saliency (SPEC.md, Eq. 9), in numpy.
+"""Expert saliency (docs/METHOD.md, section 5: Eq. 9), in numpy.
 
     S[l,e,p] = f[l,e] * g[l,e,p] / (r[l,e,p] + 1) ** gamma
 

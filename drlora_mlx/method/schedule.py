@@ -1,4 +1,4 @@
-"""The DR-LoRA growth schedule and rank allocator (SPEC.md, Eq. 11-12, Algorithm 1).
+"""The DR-LoRA growth schedule and rank allocator (docs/METHOD.md, section 6: Eq. 11-12, Algorithm 1).
 
 Pure numpy, no MLX: the schedule is a function of a handful of integers and the
 allocator a function of rank and saliency arrays, so both can be tested

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..version import __version__
 from ..errors import InputError
 from ..files import fsync_dir, storage, write_json
+from ..version import __version__
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.safetensors"

@@ -18,11 +18,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..formats.adapters import load_into, read_adapter_config
 from ..config.settings import ConfigError, TrainingArgs, resolve
 from ..data.batches import eval_batches
 from ..data.loading import FEATURES
+from ..formats.adapters import load_into, read_adapter_config
 from .loss import make_loss
+
 
 def test_loss(model, drlora, dataset, batch_size: int, max_seq_length: int, batches: int, world=None) -> float:
     """Mean next-token cross-entropy over the loss tokens of the first ``batches`` batches

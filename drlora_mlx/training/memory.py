@@ -35,8 +35,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..config.settings import DRLoRAConfig, Ranks
-from ..lora.masked import ExpertLoRA
 from ..formats.base_model import ModelError
+from ..lora.masked import ExpertLoRA
 from ..lora.pooled import RankPool
 
 # A run "fits" when its estimate stays under this share of what the machine can
@@ -301,8 +301,12 @@ def read_model_config(model: str) -> dict:
 
 def _hub_config(model: str) -> Path:
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(hf_hub_download(model, "config.json"))
