@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import pytest
 
@@ -30,3 +31,15 @@ def tiny_models(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_models, tmp_path_factory):
+    """One uninterrupted CLI run that the interrupted ones must equal."""
+    from .helpers import SHAPE, train_command
+
+    path = tiny_models("qwen3_moe", shape=SHAPE)
+    out = tmp_path_factory.mktemp("reference") / "adapters"
+    done = subprocess.run(train_command(path, out, "--save-every", "1000"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return path, out

@@ -12,10 +12,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from drlora_mlx.lora.attach import attach
-from drlora_mlx.config.settings import DRLoRAConfig
+from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs
 from drlora_mlx.data.loading import bundled_data_dir, load_datasets
-from drlora_mlx.config.settings import TrainingArgs
+from drlora_mlx.lora.attach import attach
 from drlora_mlx.training.trainer import Trainer
 
 

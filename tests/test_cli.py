@@ -13,29 +13,8 @@ from mlx_lm import load as mlx_lm_load
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from drlora_mlx.formats.adapters import load as drlora_load
-from drlora_mlx.cli import main
-from drlora_mlx.data.loading import bundled_data_dir
 
-from .helpers import SHAPE, padded_batch
-
-FAST = ["--iters", "40", "--batch-size", "4", "--learning-rate", "5e-3", "--steps-per-report", "5",
-        "--steps-per-eval", "20", "--val-batches", "2", "--r-init", "2", "--r-target", "4", "--r-max", "8",
-        "--mask-prompt"]
-
-
-def run_cli(argv, capsys):
-    """(exit code, stdout, stderr) of an in-process CLI call."""
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def read_metrics(path):
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+from .helpers import FAST, SHAPE, padded_batch, read_metrics, run_cli
 
 
 @pytest.mark.parametrize("family,bits", [("qwen3_moe", None), ("gpt_oss", None), ("mixtral", 4)])

@@ -10,10 +10,16 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from tokenizers import Tokenizer, processors
 
-from drlora_mlx.data.loading import DataError, bundled_data_dir, fingerprint, load_datasets, read_jsonl
+from drlora_mlx.data.loading import (
+    DataError,
+    bundled_data_dir,
+    fingerprint,
+    load_datasets,
+    read_jsonl,
+)
 from drlora_mlx.formats.tiny import SPECIAL_TOKENS, build_tokenizer, builtin_model_path
 
-from .test_cli import read_metrics, run_cli
+from .helpers import read_metrics, run_cli
 
 ROWS = read_jsonl(bundled_data_dir() / "train.jsonl")[:10]
 VALID = read_jsonl(bundled_data_dir() / "valid.jsonl")[:3]

@@ -19,7 +19,7 @@ import pytest
 import drlora_mlx.display.progress as progress
 from drlora_mlx.display.progress import Progress
 
-from .test_cli import read_metrics, run_cli
+from .helpers import read_metrics, run_cli
 
 # ----- a PNG decoder and a terminal, written here independently of the code under test ----------------------------
 

@@ -4,16 +4,16 @@ import json
 import os
 import signal
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from drlora_mlx.training import checkpoint
 from drlora_mlx.formats.adapters import load as drlora_load
+from drlora_mlx.training import checkpoint
 
 from .helpers import SHAPE
 

@@ -7,10 +7,10 @@ import pkgutil
 import pytest
 
 import drlora_mlx
-from drlora_mlx.training import run as train_job
 from drlora_mlx.errors import DRLoRAError, InputError, RunStopped
+from drlora_mlx.training import run as train_job
 
-from .test_cli import run_cli
+from .helpers import run_cli
 
 
 def _package_errors():

@@ -11,13 +11,12 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from drlora_mlx.training.adapter_start import start_from_adapter_file
-from drlora_mlx.lora.attach import attach
 from drlora_mlx.config.settings import DRLoRAConfig
+from drlora_mlx.lora.attach import attach
+from drlora_mlx.training.adapter_start import start_from_adapter_file
 from drlora_mlx.training.evaluate import evaluate_adapter, evaluation_settings
 
-from .helpers import SHAPE
-from .test_cli import FAST, read_metrics, run_cli
+from .helpers import FAST, SHAPE, read_metrics, run_cli
 
 
 def folder_digest(path):

@@ -23,19 +23,34 @@ from mlx_lm import load as mlx_lm_load
 from peft import PeftModel
 from safetensors.numpy import load_file, save_file
 
-from drlora_mlx.formats.adapters import AdapterError, read_ranks, save_adapter
-from drlora_mlx.formats.adapters import load as drlora_load
-from drlora_mlx.lora.attach import attach
-from drlora_mlx.lora.routing import router_linear
 from drlora_mlx.cli import main
 from drlora_mlx.config.settings import DRLoRAConfig
-from drlora_mlx.formats.peft import EXPORT_INFO, PEFT_CONFIG, PEFT_WEIGHTS, export_peft, import_peft, read_export
 from drlora_mlx.families import FAMILIES, UnsupportedModelError
+from drlora_mlx.formats.adapters import AdapterError, read_ranks, save_adapter
+from drlora_mlx.formats.adapters import load as drlora_load
 from drlora_mlx.formats.fuse import probe_inputs
+from drlora_mlx.formats.peft import (
+    EXPORT_INFO,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    export_peft,
+    import_peft,
+    read_export,
+)
+from drlora_mlx.lora.attach import attach
+from drlora_mlx.lora.routing import router_linear
 
-from .helpers import SHAPE, heterogeneous_ranks, randomize_b
-from .test_cli import run_cli
-from .test_hf_checkpoint import HF_FAMILIES, TOKENS, TOL, ours, theirs
+from .helpers import (
+    HF_FAMILIES,
+    SHAPE,
+    TOKENS,
+    TOL,
+    heterogeneous_ranks,
+    ours,
+    randomize_b,
+    run_cli,
+    theirs,
+)
 
 TRAIN = ["--iters", "30", "--batch-size", "4", "--learning-rate", "5e-3", "--steps-per-report", "10",
          "--steps-per-eval", "1000", "--val-batches", "1", "--r-init", "2", "--r-target", "4", "--r-max", "8",

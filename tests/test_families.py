@@ -8,11 +8,11 @@ import pytest
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
-from drlora_mlx.formats.adapters import save_adapter
-from drlora_mlx.lora.attach import attach
 from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs
 from drlora_mlx.data.loading import bundled_data_dir, load_datasets
 from drlora_mlx.families import FAMILIES, REFUSED, UnsupportedModelError, lookup
+from drlora_mlx.formats.adapters import save_adapter
+from drlora_mlx.lora.attach import attach
 from drlora_mlx.lora.routing import router_linear
 from drlora_mlx.training.trainer import Trainer
 

@@ -8,10 +8,9 @@ import shutil
 import subprocess
 import sys
 
-
 from drlora_mlx.training import checkpoint
 
-from .test_resume import _assert_same_adapter, _cli, _train_records, _wait_for, reference_run  # noqa: F401
+from .helpers import assert_same_adapter, train_command, train_records, wait_for
 
 ROOT = os.geteuid() == 0
 
@@ -33,7 +32,7 @@ def _resume(out, env=None):
 
 def _first_part(path, out):
     """Iterations 1-24 (a NaN stops the run at 25): checkpoints 10 and 20."""
-    run = subprocess.run(_cli(path, out, "--save-every", "10"), capture_output=True, text=True,
+    run = subprocess.run(train_command(path, out, "--save-every", "10"), capture_output=True, text=True,
                          env=dict(os.environ, DRLORA_MLX_FAULT_NAN_AT="25"))
     assert run.returncode == 3, run.stderr[-2000:]
     assert [p.name for p in checkpoint.complete(out)] == ["step-0000010", "step-0000020"]
@@ -92,7 +91,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_checkpoint(refe
         resumed = _resume(out)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "step-0000020 at iteration 20" in resumed.stdout
-        _assert_same_adapter(reference, out)
+        assert_same_adapter(reference, out)
 
 
 # Runs the command line under a file-size limit when DRLORA_MLX_FILE_LIMIT is set (SIGXFSZ ignored, so
@@ -134,7 +133,7 @@ def test_a_read_only_adapter_folder_ends_the_run_in_one_line(reference_run, tmp_
         assert [p.name for p in checkpoint.complete(out)] == ["step-0000010", "step-0000020"]
         resumed = _resume(out)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        _assert_same_adapter(reference, out)
+        assert_same_adapter(reference, out)
 
 
 def test_data_that_is_not_utf8_is_one_line_with_file_and_line(tiny_models, tmp_path):
@@ -153,15 +152,15 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_ones_lock_is_st
     path, reference = reference_run
     out = tmp_path / "adapters"
     slow = dict(os.environ, DRLORA_MLX_FAULT_SLOW_SAVE="4")  # every checkpoint takes 4 s: the run outlasts the checks
-    first = subprocess.Popen(_cli(path, out, "--save-every", "10"), stdout=subprocess.DEVNULL,
+    first = subprocess.Popen(train_command(path, out, "--save-every", "10"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=slow)
     try:
-        _wait_for(lambda: any(r["step"] >= 12 for r in _train_records(out)))
-        second = subprocess.run(_cli(path, out, "--save-every", "10"), capture_output=True, text=True)
+        wait_for(lambda: any(r["step"] >= 12 for r in train_records(out)))
+        second = subprocess.run(train_command(path, out, "--save-every", "10"), capture_output=True, text=True)
         _one_line_error(second, 2, f"{out} is in use by another drlora-mlx run (process {first.pid})")
         resume_too = _resume(out)
         _one_line_error(resume_too, 2, "is in use by another drlora-mlx run")
-        _wait_for(lambda: any(r["step"] >= 22 for r in _train_records(out)))
+        wait_for(lambda: any(r["step"] >= 22 for r in train_records(out)))
     finally:
         first.kill()  # SIGKILL: no handler runs, the lock file stays behind
         first.wait()
@@ -170,7 +169,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_ones_lock_is_st
     assert done and done[-1].name in ("step-0000020", "step-0000030")
     resumed = _resume(out)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    _assert_same_adapter(reference, out)
+    assert_same_adapter(reference, out)
 
 
 def test_an_incomplete_download_says_what_to_do(tiny_models, tmp_path):
@@ -196,7 +195,7 @@ def test_data_that_changed_since_the_checkpoint_is_refused_on_resume(tiny_models
     data = tmp_path / "data"
     shutil.copytree(bundled_data_dir(), data)
     out = tmp_path / "adapters"
-    cli = _cli(tiny_models("qwen3_moe", SHAPE), out, "--save-every", "10", "--data", str(data))
+    cli = train_command(tiny_models("qwen3_moe", SHAPE), out, "--save-every", "10", "--data", str(data))
     stopped = subprocess.run(cli, capture_output=True, text=True, env=dict(os.environ, DRLORA_MLX_FAULT_NAN_AT="15"))
     assert stopped.returncode == 3, stopped.stderr[-2000:]
     lines = (data / "train.jsonl").read_text().splitlines()

@@ -1,4 +1,4 @@
-"""Growth events on an attached model against the method as SPEC.md writes it,
+"""Growth events on an attached model against the method as docs/METHOD.md writes it,
 the budget as a run delivers it, and the loss tokens and learning rates of the step."""
 
 import json
@@ -9,8 +9,8 @@ import pytest
 
 from drlora_mlx.cli import main
 from drlora_mlx.config.settings import TrainingArgs
-from drlora_mlx.method.growth import grow, module_saliency
 from drlora_mlx.display.report import event_summary
+from drlora_mlx.method.growth import grow, module_saliency
 from drlora_mlx.method.schedule import GrowthSchedule, allocate_event
 from drlora_mlx.training.loss import loss_mask, make_loss
 from drlora_mlx.training.trainer import Trainer

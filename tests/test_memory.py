@@ -6,16 +6,14 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm import load as mlx_lm_load
 
-from drlora_mlx.training import run as train_job
-from drlora_mlx.lora.attach import attach
-from drlora_mlx.config.settings import DRLoRAConfig
-from drlora_mlx.training.memory import estimate_peak_bytes, memory_warning
+from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs
 from drlora_mlx.formats.tiny import TinyShape
-from drlora_mlx.config.settings import TrainingArgs
+from drlora_mlx.lora.attach import attach
+from drlora_mlx.training import run as train_job
+from drlora_mlx.training.memory import estimate_peak_bytes, memory_warning
 from drlora_mlx.training.trainer import Trainer
 
-from .helpers import SHAPE
-from .test_cli import run_cli
+from .helpers import SHAPE, run_cli
 
 
 def test_estimate_is_near_the_measured_peak(tiny_models):

@@ -18,18 +18,36 @@ from mlx_lm import load as mlx_lm_load
 from mlx_lm.tuner import callbacks
 from mlx_lm.tuner.lora import LoRALinear
 
-from drlora_mlx.training import run as train_module
-from drlora_mlx.formats.adapters import load as drlora_load
-from drlora_mlx.lora.attach import attach
-from drlora_mlx.config.settings import ConfigError, DRLoRAConfig, TrainingArgs, read_yaml, resolve
+from drlora_mlx.config.settings import (
+    ConfigError,
+    DRLoRAConfig,
+    TrainingArgs,
+    read_yaml,
+    resolve,
+)
 from drlora_mlx.data.loading import bundled_data_dir
-from drlora_mlx.training.optimizers import OPTIMIZER_CLASSES, learning_rate_schedule, needs_rank_guard, optimizer_kwargs
+from drlora_mlx.formats.adapters import load as drlora_load
 from drlora_mlx.formats.tiny import TinyShape
+from drlora_mlx.lora.attach import attach
+from drlora_mlx.training import run as train_module
+from drlora_mlx.training.optimizers import (
+    OPTIMIZER_CLASSES,
+    learning_rate_schedule,
+    needs_rank_guard,
+    optimizer_kwargs,
+)
 from drlora_mlx.training.trainer import Trainer
 
-from .helpers import SHAPE, attached, heterogeneous_ranks, padded_batch, randomize_b
+from .helpers import (
+    SHAPE,
+    attached,
+    heterogeneous_ranks,
+    padded_batch,
+    randomize_b,
+    read_metrics,
+    run_cli,
+)
 from .reference import Reference
-from .test_cli import read_metrics, run_cli
 
 # mlx-lm's examples/lora_config.yaml as mlx-lm ships it (mlx_lm/examples/lora_config.yaml), with the
 # model, data and adapter paths changed and fewer iterations.

@@ -11,11 +11,12 @@ from mlx_lm import load as mlx_lm_load
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import quantize_model
 
-from drlora_mlx.families.mlx_lm_names import model_classes
-from drlora_mlx.training import memory
-from drlora_mlx.lora.attach import attach
 from drlora_mlx.config.settings import ConfigError, DRLoRAConfig
+from drlora_mlx.families.mlx_lm_names import model_classes
 from drlora_mlx.families.spec import TinyShape
+from drlora_mlx.formats.tiny import TINY_FAMILIES, _init_weights, family_config
+from drlora_mlx.lora.attach import attach
+from drlora_mlx.training import memory
 from drlora_mlx.training.memory import (
     PeakEstimate,
     memory_warning,
@@ -23,10 +24,8 @@ from drlora_mlx.training.memory import (
     model_shape,
     uniform_lora_state_bytes,
 )
-from drlora_mlx.formats.tiny import TINY_FAMILIES, _init_weights, family_config
 
-from .helpers import SHAPE
-from .test_cli import run_cli
+from .helpers import SHAPE, run_cli
 
 GB = 10**9
 

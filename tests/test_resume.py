@@ -5,23 +5,27 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import mlx.core as mx
 import numpy as np
-import pytest
 from mlx_lm import load as mlx_lm_load
 
-from drlora_mlx.training import checkpoint
+from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs
+from drlora_mlx.data.loading import bundled_data_dir, load_datasets
 from drlora_mlx.formats.adapters import mlx_lm_adapter
 from drlora_mlx.lora.attach import attach
-from drlora_mlx.config.settings import DRLoRAConfig
-from drlora_mlx.data.loading import bundled_data_dir, load_datasets
-from drlora_mlx.config.settings import TrainingArgs
+from drlora_mlx.training import checkpoint
 from drlora_mlx.training.trainer import Trainer
 
-from .helpers import SHAPE
-from .test_cli import run_cli
+from .helpers import (
+    SHAPE,
+    adapter_weights,
+    assert_same_adapter,
+    run_cli,
+    train_command,
+    train_records,
+    wait_for,
+)
 
 CONFIG = dict(r_init=2, r_target=4, r_max=8)
 ARGS = dict(iters=48, batch_size=4, learning_rate=5e-3, grad_accumulation_steps=2, steps_per_report=1000,
@@ -68,57 +72,12 @@ def test_resume_is_bitwise_exact(tiny_models, tmp_path):
         assert np.array_equal(want[k], got[k]), k
 
 
-def _cli(model_path, adapter_path, *extra):
-    return [sys.executable, "-m", "drlora_mlx", "train", "--model", str(model_path), "--adapter-path",
-            str(adapter_path), "--iters", "60", "--batch-size", "4", "--learning-rate", "5e-3",
-            "--grad-accumulation-steps", "2", "--r-init", "2", "--r-target", "4", "--r-max", "8",
-            "--steps-per-report", "2", "--steps-per-eval", "1000", "--mask-prompt", *extra]
-
-
-def _wait_for(predicate, timeout=120):
-    start = time.time()
-    while not predicate():
-        if time.time() - start > timeout:
-            raise TimeoutError
-        time.sleep(0.05)
-
-
-def _weights(adapter_path):
-    return {k: np.asarray(v) for k, v in mx.load(str(adapter_path / "adapters.safetensors")).items()} | {
-        k: np.asarray(v) for k, v in mx.load(str(adapter_path / "drlora_state.safetensors")).items()
-    }
-
-
-def _assert_same_adapter(a, b):
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert np.array_equal(wa[k], wb[k]), k
-
-
-@pytest.fixture(scope="module")
-def reference_run(tiny_models, tmp_path_factory):
-    """One uninterrupted CLI run that the interrupted ones must equal."""
-    path = tiny_models("qwen3_moe", shape=SHAPE)
-    out = tmp_path_factory.mktemp("reference") / "adapters"
-    done = subprocess.run(_cli(path, out, "--save-every", "1000"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return path, out
-
-
-def _train_records(adapter_path):
-    p = adapter_path / "metrics.jsonl"
-    if not p.exists():
-        return []
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip() and '"train"' in l]
-
-
 def test_sigint_writes_a_checkpoint_and_resume_finishes_identically(reference_run, tmp_path):
     path, reference = reference_run
     out = tmp_path / "adapters"
-    proc = subprocess.Popen(_cli(path, out, "--save-every", "1000"), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_command(path, out, "--save-every", "1000"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: any(r["step"] >= 22 for r in _train_records(out)))
+    wait_for(lambda: any(r["step"] >= 22 for r in train_records(out)))
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
@@ -130,17 +89,17 @@ def test_sigint_writes_a_checkpoint_and_resume_finishes_identically(reference_ru
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
-    _assert_same_adapter(reference, out)
+    assert_same_adapter(reference, out)
 
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(reference_run, tmp_path):
     path, reference = reference_run
     out = tmp_path / "adapters"
     env = dict(os.environ, DRLORA_MLX_FAULT_SLOW_SAVE="3")
-    proc = subprocess.Popen(_cli(path, out, "--save-every", "10"), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_command(path, out, "--save-every", "10"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     root = checkpoint.checkpoint_dir(out)
-    _wait_for(lambda: root.is_dir() and any(p.name.startswith(".tmp-step-0000020") for p in root.iterdir()))
+    wait_for(lambda: root.is_dir() and any(p.name.startswith(".tmp-step-0000020") for p in root.iterdir()))
     proc.kill()
     proc.wait()
     assert [p.name for p in checkpoint.complete(out)] == ["step-0000010"]
@@ -149,7 +108,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(reference_run,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "step-0000010 at iteration 10" in resumed.stdout
-    _assert_same_adapter(reference, out)
+    assert_same_adapter(reference, out)
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
 
 
@@ -157,7 +116,7 @@ def test_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(tiny_mod
     path = tiny_models("qwen3_moe", shape=SHAPE)
     out = tmp_path / "adapters"
     env = dict(os.environ, DRLORA_MLX_FAULT_NAN_AT="25")
-    run = subprocess.run(_cli(path, out, "--save-every", "10"), env=env, capture_output=True, text=True)
+    run = subprocess.run(train_command(path, out, "--save-every", "10"), env=env, capture_output=True, text=True)
     assert run.returncode == 3
     lines = run.stderr.strip().splitlines()
     assert lines[-1].startswith("drlora-mlx: error: non-finite loss or gradient at iteration 25 (optimizer step 13")
@@ -181,10 +140,10 @@ def test_skip_nonfinite_skips_the_bad_batch_and_goes_on(tiny_models, tmp_path):
     path = tiny_models("qwen3_moe", shape=SHAPE)
     out = tmp_path / "adapters"
     env = dict(os.environ, DRLORA_MLX_FAULT_NAN_AT="25")
-    run = subprocess.run(_cli(path, out, "--skip-nonfinite", "1"), env=env, capture_output=True, text=True)
+    run = subprocess.run(train_command(path, out, "--skip-nonfinite", "1"), env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "iter 25: non-finite loss or gradient, batch skipped (1 of --skip-nonfinite 1)" in run.stdout
-    assert all(np.isfinite(v).all() for v in _weights(out).values())
+    assert all(np.isfinite(v).all() for v in adapter_weights(out).values())
 
 
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_unfinished_ones(tiny_models, tmp_path, capsys):
@@ -228,7 +187,7 @@ def test_resume_names_the_mismatched_setting(tiny_models, tmp_path, capsys):
 def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(reference_run, tmp_path):
     path, reference = reference_run
     out = tmp_path / "adapters"
-    stopped = subprocess.run(_cli(path, out, "--save-every", "10"), env=dict(os.environ, DRLORA_MLX_FAULT_NAN_AT="45"),
+    stopped = subprocess.run(train_command(path, out, "--save-every", "10"), env=dict(os.environ, DRLORA_MLX_FAULT_NAN_AT="45"),
                              capture_output=True, text=True)
     assert stopped.returncode == 3, stopped.stderr[-2000:]
     assert [p.name for p in checkpoint.complete(out)] == ["step-0000030", "step-0000040"]
@@ -240,7 +199,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(reference_run, tmp
     notes = [line for line in resumed.stdout.splitlines() if "step-0000040" in line]
     assert len(notes) == 1 and notes[0].startswith("skipped checkpoint ") and "is unreadable" in notes[0], notes
     assert "resuming from" in resumed.stdout and "step-0000030 at iteration 30" in resumed.stdout
-    _assert_same_adapter(reference, out)
+    assert_same_adapter(reference, out)
 
 
 def test_a_checkpoint_from_before_the_pooled_layout_resumes_masked(tiny_models, tmp_path, capsys):

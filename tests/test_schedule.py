@@ -8,7 +8,14 @@ import pytest
 from drlora_mlx.cli import main
 from drlora_mlx.config.settings import DRLoRAConfig
 from drlora_mlx.method.saliency import module_importance, saliency
-from drlora_mlx.method.schedule import GrowthSchedule, ScheduleError, allocate, allocate_event, delivered, walk
+from drlora_mlx.method.schedule import (
+    GrowthSchedule,
+    ScheduleError,
+    allocate,
+    allocate_event,
+    delivered,
+    walk,
+)
 
 PAPER = dict(total_steps=38000, n_modules=128, r_init=32, r_max=128, r_target=64,
              warmup_ratio=0.03, grow_every=200, growth_buffer=200, grow_fraction=0.1)

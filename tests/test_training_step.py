@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from drlora_mlx.lora import codec
 from drlora_mlx.config.settings import TrainingArgs
+from drlora_mlx.lora import codec
 from drlora_mlx.training.trainer import NonFiniteError, Trainer
 
-from .helpers import SHAPE, attached, heterogeneous_ranks, padded_batch, randomize_b
+from .helpers import (
+    SHAPE,
+    attached,
+    heterogeneous_ranks,
+    padded_batch,
+    randomize_b,
+    reference_sums,
+)
 from .reference import Reference, rank_scores
-from .test_routing import reference_sums
 
 
 def _trainer(model, drlora, **kw):
