@@ -293,14 +293,17 @@ def plot(adapter_path, out):
 @click.option("--layout", type=click.Choice(["fused", "per-expert"]), default="fused", show_default=True,
               help="fused: experts as fused parameters (transformers >= 5); per-expert: one module per expert "
                    "(transformers 4.x).")
+@click.option("--for-transformers", "for_transformers", default=None,
+              help="The transformers version that will load the export (default: the one installed here, if any); "
+                   "a layout it would load without applying is refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as one JSON object.")
-def export(adapter_path, out, fmt, layout, as_json):
+def export(adapter_path, out, fmt, layout, for_transformers, as_json):
     """Export a trained adapter for PEFT / transformers (and from there vLLM, TGI, the Hub)."""
     from dataclasses import asdict
 
     from .formats.peft import export_peft
 
-    report = export_peft(adapter_path, out, layout)
+    report = export_peft(adapter_path, out, layout, for_transformers)
     if as_json:
         click.echo(json.dumps({**asdict(report), "out": str(report.out)}))
     else:

@@ -1,15 +1,15 @@
 """Logits of base models with PEFT adapters, computed by whatever transformers
-and PEFT this interpreter has. The tests run it as a script, so an interpreter
-with transformers 4.x can check the per-expert export:
+and PEFT this interpreter has. The tests run it as a script, so that exports
+are checked in other versions of transformers and PEFT too:
 
     python peft_logits.py TOKENS.npy BASE ADAPTER OUT.npy [BASE ADAPTER OUT.npy ...]
-
-It prints the transformers version it used.
+    python peft_logits.py --versions      # prints "transformers X peft Y"
 """
 
 import sys
 
 import numpy as np
+import peft
 import torch
 import transformers
 from peft import PeftModel
@@ -25,10 +25,12 @@ def logits(base: str, adapter: str, tokens: np.ndarray) -> np.ndarray:
 
 
 def main(tokens: str, *jobs: str) -> None:
+    if tokens == "--versions":
+        print(f"transformers {transformers.__version__} peft {peft.__version__}")
+        return
     x = np.load(tokens)
     for base, adapter, out in zip(jobs[0::3], jobs[1::3], jobs[2::3]):
         np.save(out, logits(base, adapter, x))
-    print(transformers.__version__)
 
 
 if __name__ == "__main__":

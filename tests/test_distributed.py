@@ -51,14 +51,14 @@ def _adapter(adapter_path):
     return {k: np.asarray(v) for k, v in mx.load(str(adapter_path / "adapters.safetensors")).items()}
 
 
-def _assert_same_function(a, b):
-    """Two adapters of one model give the same logits, up to 1e-4 of the adapter's own effect."""
+def _assert_same_function(a, b, tolerance=1e-4):
+    """Two adapters of one model give the same logits, up to ``tolerance`` of the adapter's own effect."""
     model = json.loads((a / "drlora_config.json").read_text())["model"]
     tokens = mx.array(np.random.default_rng(0).integers(3, 384, (4, 32)).astype(np.int32))
     base = np.asarray(drlora_load(model)[0](tokens))
     la, lb = (np.asarray(drlora_load(model, path)[0](tokens)) for path in (a, b))
     effect = np.abs(la - base).max()
-    assert effect > 1.0 and np.abs(la - lb).max() < 1e-4 * effect
+    assert effect > 1.0 and np.abs(la - lb).max() < tolerance * effect
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,9 @@ def test_two_processes_follow_the_one_process_run(one_and_two):
     # Summation order differs between one and two processes. AdamW's per-element normalisation
     # turns rounding-level gradients (the A of a rank whose B is still near zero) into full
     # learning-rate steps, so single factor entries can differ by ~1e-3; the adapted model
-    # does not: its logits agree to 1e-4 of what the adapter changes.
-    _assert_same_function(root / "one", root / "two")
+    # does not: its logits agree to a small fraction of what the adapter changes (measured:
+    # below 1e-4 on one machine, 1.07e-4 on an AMD EPYC with OpenBLAS's Haswell kernels).
+    _assert_same_function(root / "one", root / "two", tolerance=5e-4)
 
 
 def test_every_process_ends_identical(tiny_models, tmp_path):

@@ -29,7 +29,6 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..config.settings import DRLoRAConfig
-from ..errors import InputError
 from ..families import family_of, hf_family
 from ..families.mlx_lm_names import EXPERT_PROJECTIONS
 from ..families.spec import HFFamily
@@ -55,15 +54,12 @@ from .peft_layout import (
     per_expert_plan,
     unpack,
 )
+from .peft_support import WRITTEN_FOR, ExportError, installed, refusal
 
 LAYOUTS = ("fused", "per-expert")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 EXPORT_INFO = "drlora_export.json"
-
-
-class ExportError(InputError):
-    """An adapter that cannot be expressed in the requested PEFT layout; the message says why."""
 
 
 @dataclass
@@ -194,6 +190,7 @@ class ExportReport:
     padded_zeros: int
     router_parameters: int
     layers: list[dict]
+    for_transformers: str | None = None  # the transformers version the export was checked for
 
     def summary(self) -> str:
         share = self.padded_zeros / max(self.lora_parameters, 1)
@@ -207,6 +204,12 @@ class ExportReport:
         for layer in self.layers:
             ranks = ", ".join(f"{t} {r['min']}-{r['max']} (mean {r['mean']:.2f})" for t, r in layer["ranks"].items())
             lines.append(f"  {layer['block']}: ranks {ranks}; PEFT rank {layer['peft_rank']}")
+        lines.append(f"  written for {WRITTEN_FOR[self.layout]}; " + (
+            f"checked for transformers {self.for_transformers}" if self.for_transformers else
+            "no transformers installed here to check it for (--for-transformers names the version that will load it)"))
+        peft = installed("peft")
+        if peft:
+            lines.append(f"  PEFT {peft} is installed here")
         return "\n".join(lines)
 
 
@@ -224,13 +227,21 @@ def _layer_summaries(adapter: Adapter, pairs: list[Pair]) -> list[dict]:
     return rows
 
 
-def export_peft(adapter_path: str | os.PathLike, out: str | os.PathLike, layout: str = "fused") -> ExportReport:
-    """Write the PEFT export of the adapter in ``adapter_path`` to ``out``."""
+def export_peft(adapter_path: str | os.PathLike, out: str | os.PathLike, layout: str = "fused",
+                for_transformers: str | None = None) -> ExportReport:
+    """Write the PEFT export of the adapter in ``adapter_path`` to ``out``, for the
+    transformers version ``for_transformers`` (by default the one installed, if
+    any): a layout that version would load without applying is refused before
+    anything is written."""
     from safetensors.numpy import save
 
     adapter = read_adapter(adapter_path)
     hf = hf_family(adapter.family)
     _check_layout(adapter, layout, hf)
+    for_transformers = for_transformers or installed("transformers")
+    why = refusal(layout, for_transformers) if for_transformers else ""
+    if why:
+        raise ExportError(f"cannot export {adapter.family} with --layout {layout}: {why}")
     experts, extras = _plan(adapter, layout, hf)
     pairs = experts + extras
     scale = adapter.config.scale
@@ -241,12 +252,13 @@ def export_peft(adapter_path: str | os.PathLike, out: str | os.PathLike, layout:
     lora = sum(p.size for p in pairs)
     report = ExportReport(
         Path(out), layout, adapter.family, lora, lora - sum(p.active for p in pairs),
-        sum(v.size for v in adapter.routers.values()), _layer_summaries(adapter, pairs),
+        sum(v.size for v in adapter.routers.values()), _layer_summaries(adapter, pairs), for_transformers,
     )
     info = {
         "drlora_mlx_version": __version__,
         "family": adapter.family,
         "layout": layout,
+        "for_transformers": for_transformers,
         "base_model": adapter.model,
         "method": adapter.config.to_dict(),
         "lora_scale_folded_into_lora_B": scale,
