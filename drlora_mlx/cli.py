@@ -336,7 +336,8 @@ def _evaluate(ctx: click.Context, config_file: str | None, **_):
 
 # The settings an evaluation reads (mlx-lm's --test without --train).
 _TEST_FIELDS = ("model", "data", "adapter_path", "batch_size", "max_seq_length", "test_batches", "mask_prompt",
-                "prompt_feature", "completion_feature", "chat_feature", "text_feature", "trust_remote_code")
+                "prompt_feature", "completion_feature", "chat_feature", "text_feature", "trust_remote_code",
+                "loss_chunk_size")
 
 
 def _make_test_command():

@@ -50,9 +50,8 @@ def build(family: str, root: Path, attention_only: bool) -> Path:
         config = json.loads((path / "config.json").read_text())
         config.update(MODELS[family])
         (path / "config.json").write_text(json.dumps(config))
-        from drlora_mlx.families.mlx_lm_names import (
-            model_classes,  # re-initialised weights of the changed layers, same sizes elsewhere
-        )
+        # re-initialised weights of the changed layers, same sizes elsewhere
+        from drlora_mlx.families.mlx_lm_names import model_classes
 
         model_class, args_class = model_classes(config)
         model = model_class(args_class.from_dict(config))

@@ -254,6 +254,11 @@ class TrainingArgs:
     max_seq_length: int = _setting(2048, "Longer examples are truncated.", at_least=1)
     grad_accumulation_steps: int = _setting(1, "Batches per optimizer update.", at_least=1)
     grad_checkpoint: bool = _setting(False, "Recompute activations in the backward pass to save memory.")
+    loss_chunk_size: int | None = _setting(None, "Tokens per chunk of the final head and cross-entropy, each chunk's "
+                                                 "logits recomputed in the backward pass, so that the loss never holds "
+                                                 "every token's logits [default: as many tokens as 8M logits make, "
+                                                 "32 MB in float32]; 0: the plain loss, all logits at once (as "
+                                                 "mlx-lm).", at_least=0)
     clear_cache_threshold: int | str | None = _setting(None, "Clear MLX's buffer cache after an iteration when it "
                                                              "holds more than this (bytes, or 500MB, 8GB; 0: after "
                                                              "every iteration) [default: never].")

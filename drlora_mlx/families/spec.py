@@ -143,6 +143,9 @@ class Family:
     hf: Optional[HFFamily] = None
     # why the PEFT export cannot be exact, where transformers has the model but computes it otherwise
     export_refusal: str = ""
+    # the module whose output is the last hidden state, where it is not the one that holds the decoder
+    # layers (the rest of the model's __call__ is its head: see lora/head.py)
+    body: str = ""
     # TinyShape -> the family-specific config.json keys of a tiny model
     tiny: Optional[Callable[[TinyShape], dict]] = None
     # config.json -> why this configuration of the family cannot be trained faithfully ("" if it can)

@@ -26,6 +26,7 @@ from ..config.settings import ConfigError, DRLoRAConfig
 from ..families import UnsupportedModelError, lookup
 from ..families.mlx_lm_names import SWITCH_MLP_NAMES, projection_name
 from .handle import DRLoRA, MoELayer, RoutingState
+from .head import split_head
 from .masked import MaskedLoRASwitchLinear, dequantized_weight
 from .pooled import PooledLoRASwitchLinear, RankPool
 from .probe import applied_weights
@@ -344,6 +345,10 @@ def attach(model: nn.Module, config: DRLoRAConfig | None = None, seed: int | Non
         raise UnsupportedModelError(f"{family_name}: MoE layers with different expert counts are not supported")
     _adapt_fixed_rank(drlora)
     _adapt_keys(drlora)
+    drlora.head, why = split_head(model, family.body)
+    if why:
+        drlora.notes.append(f"{family_name}: {why} (mlx-lm {mlx_lm_version()}); the loss holds every token's "
+                            "logits at once, as mlx-lm's does")
     _observe_routing(drlora)
     drlora.set_router_trainable(config.train_router == "always")
     drlora.fit_width(config.ranks.r_init)

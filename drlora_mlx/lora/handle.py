@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from ..config.settings import DRLoRAConfig
 from ..method.importance import update_importance
+from .head import Head
 from .pooled import RankPool
 from .routing import RoutingRecorder, router_weight, update_frequency
 from .summary import describe, parameter_counts
@@ -90,6 +91,7 @@ class DRLoRA:
         self.routing_signal = config.routing_signal
         self.notes: list[str] = []
         self.routing: RoutingState | None = None
+        self.head: Head | None = None  # the model's decoder and head apart (lora/head.py), when they check out
         self.recorder: RoutingRecorder | None = None
 
     # ----- shape ----------------------------------------------------------------

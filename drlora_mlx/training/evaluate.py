@@ -25,14 +25,16 @@ from ..formats.adapters import load_into, read_adapter_config
 from .loss import make_loss
 
 
-def test_loss(model, drlora, dataset, batch_size: int, max_seq_length: int, batches: int, world=None) -> float:
+def test_loss(model, drlora, dataset, batch_size: int, max_seq_length: int, batches: int, world=None,
+              chunk_size: int | None = None) -> float:
     """Mean next-token cross-entropy over the loss tokens of the first ``batches`` batches
     (-1: all) of ``dataset``; data-parallel processes (``world``) each take their rows of
-    every batch and the sums are added over all of them."""
+    every batch and the sums are added over all of them. ``chunk_size``: as the training
+    loss's (``loss.make_loss``)."""
     rank, size = (world.rank(), world.size()) if world is not None else (0, 1)
     was_training = model.training
     model.eval()
-    loss_fn = make_loss(drlora, record=False)
+    loss_fn = make_loss(drlora, record=False, chunk_size=chunk_size)
     total, count = mx.array(0.0), mx.array(0.0)
     for batch, lengths in eval_batches(dataset, batch_size, max_seq_length, batches, rank, size):
         ce_sum, n, _ = loss_fn(model, mx.array(batch), mx.array(lengths))
@@ -86,6 +88,7 @@ def evaluate_adapter(args: TrainingArgs, world=None, out=None) -> float:
                                    hf_dataset=args.hf_dataset, notes=notes, need_train=False)
     for note in notes:
         say(note)
-    loss = test_loss(model, drlora, test_set, args.batch_size, args.max_seq_length, args.test_batches, world)
+    loss = test_loss(model, drlora, test_set, args.batch_size, args.max_seq_length, args.test_batches, world,
+                     args.loss_chunk_size)
     say(f"test loss {loss:.3f}, perplexity {np.exp(loss):.3f} ({args.adapter_path} on {args.data or 'hf_dataset'})")
     return loss

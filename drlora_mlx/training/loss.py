@@ -1,4 +1,14 @@
-"""The training loss: next-token cross-entropy over the real targets, with the routing sums of its forward pass."""
+"""The training loss: next-token cross-entropy over the real targets, with the routing sums of its forward pass.
+
+By default the model runs only to its last hidden state, and the final head
+and the cross-entropy run in chunks of tokens (``chunked_cross_entropy``): each
+chunk's logits are recomputed in the backward pass and the chunks run one after
+another, so at most one chunk's logits are alive instead of every token's (at
+a 151,936-token vocabulary, 1.6 MB per token in float32). The loss and its
+gradients are the plain loss's to float32 rounding. Where a model's head cannot
+be split off (``lora/head.py``), or with ``loss_chunk_size`` 0, the loss is the
+plain one.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,10 @@ import mlx.nn as nn
 
 if TYPE_CHECKING:
     from ..lora.handle import DRLoRA
+    from ..lora.head import Head
+
+# Logits per chunk when loss_chunk_size is not given: 8M (32 MB in float32).
+LOGITS_PER_CHUNK = 1 << 23
 
 
 def loss_mask(lengths: mx.array, width: int) -> mx.array:
@@ -21,28 +35,86 @@ def loss_mask(lengths: mx.array, width: int) -> mx.array:
     return mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
 
 
-def make_loss(drlora: DRLoRA, record: bool = True):
+def chunk_tokens(head: Head, size: int | None) -> int:
+    """Tokens per chunk: ``size``, or by default as many as LOGITS_PER_CHUNK logits make (at least 16)."""
+    return size if size else max(16, LOGITS_PER_CHUNK // head.vocab)
+
+
+def chunked_cross_entropy(head: Head, tokens: int):
+    """``ce(hidden, targets, weights)``: the sum over positions of weight x cross-entropy of
+    ``head.logits(hidden)``, for hidden (1, N, H), targets (1, N) and float weights (1, N),
+    ``tokens`` positions at a time, one chunk after another in the forward and the backward pass."""
+
+    def spans(n: int) -> list[tuple[int, int]]:
+        return [(a, min(a + tokens, n)) for a in range(0, n, tokens)]
+
+    def after(x: mx.array, previous: mx.array | None) -> mx.array:
+        # a chunk starts when the one before it is done, so their logits are never alive together
+        return x if previous is None else mx.depends(x, previous)
+
+    @mx.custom_function
+    def ce(hidden, targets, weights):
+        total = None
+        for a, b in spans(hidden.shape[1]):
+            logits = head.logits(after(hidden[:, a:b], total)).astype(mx.float32)
+            picked = mx.take_along_axis(logits, targets[:, a:b, None], axis=-1)[..., 0]
+            part = ((mx.logsumexp(logits, axis=-1) - picked) * weights[:, a:b]).sum()
+            total = part if total is None else total + part
+        return total
+
+    @ce.vjp
+    def ce_vjp(primals, cotangent, output):
+        hidden, targets, weights = primals
+        grads = []
+        for a, b in spans(hidden.shape[1]):
+            h = after(hidden[:, a:b], grads[-1] if grads else None)
+            logits = head.logits(h)
+            scores = logits.astype(mx.float32)
+            target = targets[:, a:b, None]
+            w = (weights[:, a:b] * cotangent)[..., None]
+            # d/dlogits of w x (logsumexp - picked): w x (softmax - one-hot)
+            d = mx.exp(scores - mx.logsumexp(scores, axis=-1, keepdims=True)) * w
+            d = mx.put_along_axis(d, target, mx.take_along_axis(d, target, axis=-1) - w, axis=-1)
+            grads.append(mx.vjp(head.logits, [h], [d.astype(logits.dtype)])[1][0])
+        return mx.concatenate(grads, axis=1), mx.zeros_like(targets), mx.zeros_like(weights)
+
+    return ce
+
+
+def make_loss(drlora: DRLoRA, record: bool = True, chunk_size: int | None = None):
     """The masked next-token cross-entropy as a *sum* over the loss tokens
     (``loss_mask``) times ``scale``, with the loss-token count and the batch's
     routing sums (zeros when ``record`` is False: uniform LoRA needs no statistics).
+    ``chunk_size``: tokens per chunk of the head and cross-entropy (None: by the
+    vocabulary; 0: the plain loss, every token's logits at once).
 
     Gradients of the sum, added over micro-batches and processes and divided by
     the total token count, are the token-weighted mean over the whole
     optimizer step, however it is split; when the batch is the whole step,
     ``scale`` = 1 / its token count gives that mean directly.
     """
+    head = drlora.head if chunk_size != 0 else None
+    chunked = chunked_cross_entropy(head, chunk_tokens(head, chunk_size)) if head is not None else None
+
+    def forward(model, inputs):
+        return model(inputs) if head is None else head.hidden(inputs)
+
+    def cross_entropy(out, targets, mask):
+        if chunked is None:
+            return (nn.losses.cross_entropy(out, targets) * mask).astype(mx.float32).sum()
+        rows = targets.size
+        return chunked(out.reshape(1, rows, -1), targets.reshape(1, rows), mask.reshape(1, rows).astype(mx.float32))
 
     def loss(model, batch, lengths, scale=1.0):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         mask = loss_mask(lengths, targets.shape[1])
         if record:
             with drlora.recorder.capture(mask):
-                logits = model(inputs)
+                out = forward(model, inputs)
                 routing = drlora.recorder.sums()
         else:
-            logits = model(inputs)
+            out = forward(model, inputs)
             routing = mx.zeros((drlora.n_layers, drlora.n_experts))
-        ce_sum = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
-        return ce_sum * scale, mask.sum(), routing
+        return cross_entropy(out, targets, mask) * scale, mask.sum(), routing
 
     return loss

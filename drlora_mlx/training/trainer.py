@@ -159,7 +159,8 @@ class Trainer:
         self.progress = progress or Progress(args.iters, enabled=False)
         self.reporter = reporter if self.rank == 0 else None
         self.metrics = metrics or MetricsLog("metrics.jsonl", enabled=False)
-        self.loss_and_grad = nn.value_and_grad(model, make_loss(drlora, record=self.schedule.n_events > 0))
+        self.loss_and_grad = nn.value_and_grad(
+            model, make_loss(drlora, record=self.schedule.n_events > 0, chunk_size=args.loss_chunk_size))
         self.steps: dict = {}
         self.traces = 0
         self.router_trained = drlora.config.train_router == "always"
@@ -259,7 +260,7 @@ class Trainer:
     def evaluate(self, dataset, batches: int) -> float:
         """The loss on the first ``batches`` batches of ``dataset`` (see ``evaluate.test_loss``)."""
         return test_loss(self.model, self.drlora, dataset, self.args.batch_size, self.args.max_seq_length, batches,
-                         self.world if self.world_size > 1 else None)
+                         self.world if self.world_size > 1 else None, self.args.loss_chunk_size)
 
     # ----- one iteration --------------------------------------------------------
 
