@@ -45,7 +45,7 @@ def test_the_chunked_loss_equals_the_plain_loss(tiny_models, family):
     batch, lengths = padded_batch(SHAPE.vocab, seed=0)
     ce, grads, routing = _loss_and_grads(model, drlora, 0, batch, lengths)
     scale = max(mx.abs(g).max().item() for g in grads.values())
-    # 5 tokens a chunk: uneven chunks across rows; None: the default (one chunk at this vocabulary)
+    # 5 tokens a chunk: uneven chunks across rows; None: the default (at this vocabulary, the plain loss)
     for chunk in (5, None):
         ce_c, grads_c, routing_c = _loss_and_grads(model, drlora, chunk, batch, lengths)
         assert abs(ce_c - ce) <= 1e-5 * abs(ce), (chunk, ce_c, ce)

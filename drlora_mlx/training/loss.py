@@ -3,11 +3,12 @@
 By default the model runs only to its last hidden state, and the final head
 and the cross-entropy run in chunks of tokens (``chunked_cross_entropy``): each
 chunk's logits are recomputed in the backward pass and the chunks run one after
-another, so at most one chunk's logits are alive instead of every token's (at
-a 151,936-token vocabulary, 1.6 MB per token in float32). The loss and its
-gradients are the plain loss's to float32 rounding. Where a model's head cannot
-be split off (``lora/head.py``), or with ``loss_chunk_size`` 0, the loss is the
-plain one.
+another, so what the loss holds is a chunk's worth of logits and their
+gradient instead of every token's (at a 151,936-token vocabulary, 1.6 MB per
+token in float32). The loss and its gradients are the plain loss's to float32
+rounding. Where a model's head cannot be split off (``lora/head.py``), with
+``loss_chunk_size`` 0, or for a batch of at most ``CHUNKS_THAT_PAY`` chunks
+(where the plain loss holds less), the loss is the plain one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 
 # Logits per chunk when loss_chunk_size is not given: 8M (32 MB in float32).
 LOGITS_PER_CHUNK = 1 << 23
+# MLX keeps about ten chunk-sized arrays of the head's backward in flight, the plain loss about four
+# batch-sized ones (measured at vocabulary 151,936 and 32,768), so chunks pay only from more than
+# CHUNKS_THAT_PAY of them on: a smaller batch takes the plain loss.
+CHUNKS_THAT_PAY = 3
 
 
 def loss_mask(lengths: mx.array, width: int) -> mx.array:
@@ -86,7 +91,8 @@ def make_loss(drlora: DRLoRA, record: bool = True, chunk_size: int | None = None
     (``loss_mask``) times ``scale``, with the loss-token count and the batch's
     routing sums (zeros when ``record`` is False: uniform LoRA needs no statistics).
     ``chunk_size``: tokens per chunk of the head and cross-entropy (None: by the
-    vocabulary; 0: the plain loss, every token's logits at once).
+    vocabulary; 0: the plain loss, every token's logits at once); a batch of at
+    most ``CHUNKS_THAT_PAY`` chunks takes the plain loss, which then holds less.
 
     Gradients of the sum, added over micro-batches and processes and divided by
     the total token count, are the token-weighted mean over the whole
@@ -94,27 +100,25 @@ def make_loss(drlora: DRLoRA, record: bool = True, chunk_size: int | None = None
     ``scale`` = 1 / its token count gives that mean directly.
     """
     head = drlora.head if chunk_size != 0 else None
-    chunked = chunked_cross_entropy(head, chunk_tokens(head, chunk_size)) if head is not None else None
-
-    def forward(model, inputs):
-        return model(inputs) if head is None else head.hidden(inputs)
-
-    def cross_entropy(out, targets, mask):
-        if chunked is None:
-            return (nn.losses.cross_entropy(out, targets) * mask).astype(mx.float32).sum()
-        rows = targets.size
-        return chunked(out.reshape(1, rows, -1), targets.reshape(1, rows), mask.reshape(1, rows).astype(mx.float32))
+    tokens = chunk_tokens(head, chunk_size) if head is not None else 0
+    chunked = chunked_cross_entropy(head, tokens) if head is not None else None
 
     def loss(model, batch, lengths, scale=1.0):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         mask = loss_mask(lengths, targets.shape[1])
+        rows = targets.size
+        in_chunks = chunked is not None and rows > CHUNKS_THAT_PAY * tokens  # (shapes are known when traced)
         if record:
             with drlora.recorder.capture(mask):
-                out = forward(model, inputs)
+                out = head.hidden(inputs) if in_chunks else model(inputs)
                 routing = drlora.recorder.sums()
         else:
-            out = forward(model, inputs)
+            out = head.hidden(inputs) if in_chunks else model(inputs)
             routing = mx.zeros((drlora.n_layers, drlora.n_experts))
-        return cross_entropy(out, targets, mask) * scale, mask.sum(), routing
+        if in_chunks:
+            ce = chunked(out.reshape(1, rows, -1), targets.reshape(1, rows), mask.reshape(1, rows).astype(mx.float32))
+        else:
+            ce = (nn.losses.cross_entropy(out, targets) * mask).astype(mx.float32).sum()
+        return ce * scale, mask.sum(), routing
 
     return loss
