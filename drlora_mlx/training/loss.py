@@ -13,6 +13,7 @@ rounding. Where a model's head cannot be split off (``lora/head.py``), with
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -108,13 +109,9 @@ def make_loss(drlora: DRLoRA, record: bool = True, chunk_size: int | None = None
         mask = loss_mask(lengths, targets.shape[1])
         rows = targets.size
         in_chunks = chunked is not None and rows > CHUNKS_THAT_PAY * tokens  # (shapes are known when traced)
-        if record:
-            with drlora.recorder.capture(mask):
-                out = head.hidden(inputs) if in_chunks else model(inputs)
-                routing = drlora.recorder.sums()
-        else:
+        with drlora.recorder.capture(mask) if record else nullcontext():
             out = head.hidden(inputs) if in_chunks else model(inputs)
-            routing = mx.zeros((drlora.n_layers, drlora.n_experts))
+            routing = drlora.recorder.sums() if record else mx.zeros((drlora.n_layers, drlora.n_experts))
         if in_chunks:
             ce = chunked(out.reshape(1, rows, -1), targets.reshape(1, rows), mask.reshape(1, rows).astype(mx.float32))
         else:
