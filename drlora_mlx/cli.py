@@ -121,7 +121,7 @@ _PLAN_METHOD = ("r_init", "r_target", "r_max", "grow_every", "grow_fraction", "w
 
 
 # What the memory of a run depends on besides the model and the ranks.
-_PLAN_MEMORY = ("batch_size", "max_seq_length", "grad_checkpoint")
+_PLAN_MEMORY = ("batch_size", "max_seq_length", "grad_checkpoint", "loss_chunk_size")
 _PLAN_ROUTER = ("train_router",)
 
 
@@ -133,8 +133,8 @@ def _plan(ctx: click.Context, layers: int | None, experts: int | None, model: st
     if model is None and (layers is None or experts is None):
         raise InputError("give --model (a model folder or Hugging Face id), or --layers and --experts")
     if model is None and any(k in given for k in _PLAN_MEMORY):
-        raise InputError("--batch-size, --max-seq-length and --grad-checkpoint size the memory plan, which needs "
-                         "--model")
+        raise InputError("--batch-size, --max-seq-length, --grad-checkpoint and --loss-chunk-size size the memory "
+                         "plan, which needs --model")
     method = {k: v for k, v in given.items() if k in _PLAN_METHOD + _PLAN_ROUTER}
     config = DRLoRAConfig(**method)
     memory = None
@@ -142,7 +142,8 @@ def _plan(ctx: click.Context, layers: int | None, experts: int | None, model: st
         from .training.memory import memory_plan
 
         args = TrainingArgs(model=model, **{k: v for k, v in given.items() if k in _PLAN_MEMORY + ("iters",)})
-        memory = memory_plan(model, config, args.batch_size, args.max_seq_length, args.grad_checkpoint)
+        memory = memory_plan(model, config, args.batch_size, args.max_seq_length, args.grad_checkpoint,
+                             args.loss_chunk_size)
         layers, experts = memory["moe_layers"], memory["experts"]
     if layers < 1 or experts < 1:
         raise InputError("--layers and --experts must be at least 1")
@@ -190,7 +191,7 @@ def _print_memory(m: dict, config: DRLoRAConfig) -> None:
     r_init, r_target, r_max = config.ranks
     q = m["quantization"]
     weights = f"{q['bits']}-bit (group {q['group_size']}{', ' + q['mode'] if 'mode' in q else ''})" if q else (
-        m["dtype"] or "bfloat16 (config.json names no dtype)")
+        f"{m['dtype']} ({m['dtype_from']})")
     masked, pooled = m["layouts"]["masked"], m["layouts"]["pooled"]
     router = {"never": "frozen", "always": "trains"}.get(config.train_router, "trains after warm-up")
 
@@ -207,8 +208,14 @@ def _print_memory(m: dict, config: DRLoRAConfig) -> None:
     if m["gathered_factor_bytes"]:
         row("gathered LoRA factors", m["gathered_factor_bytes"], f"one layer at r_max {r_max}, with their gradient")
     row(f"router ({router})", m["router_state_bytes"])
-    row("activations and logits", m["activation_bytes"])
+    loss = (f"chunked loss, {m['loss_chunk_tokens']} tokens per chunk" if m["loss_chunk_tokens"] else
+            "plain loss: every token's logits")
+    row("activations", m["activation_bytes"] - m["logits_bytes"])
+    row("logits", m["logits_bytes"], loss)
     row("peak", m["peak_bytes"])
+    if m["loss_chunk_tokens"]:
+        click.echo(f"  with the plain loss (every token's logits, as mlx-lm): {m['plain_loss_peak_bytes'] / 1e9:.2f} GB "
+                   f"peak; mlx-lm's LoRA at rank {r_target}: {m['mlx_lm_peak_bytes'] / 1e9:.2f} GB")
     click.echo(f"  layouts: pooled {pooled['peak_bytes'] / 1e9:.2f} GB peak; masked "
                f"{masked['peak_bytes'] / 1e9:.2f} GB peak, its expert LoRA state "
                f"{masked['lora_state_bytes'] / 1e9:.2f} GB at r_max {r_max}")

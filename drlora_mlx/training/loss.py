@@ -41,9 +41,9 @@ def loss_mask(lengths: mx.array, width: int) -> mx.array:
     return mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
 
 
-def chunk_tokens(head: Head, size: int | None) -> int:
+def chunk_tokens(vocab: int, size: int | None) -> int:
     """Tokens per chunk: ``size``, or by default as many as LOGITS_PER_CHUNK logits make (at least 16)."""
-    return size if size else max(16, LOGITS_PER_CHUNK // head.vocab)
+    return size if size else max(16, LOGITS_PER_CHUNK // vocab)
 
 
 def chunked_cross_entropy(head: Head, tokens: int):
@@ -101,7 +101,7 @@ def make_loss(drlora: DRLoRA, record: bool = True, chunk_size: int | None = None
     ``scale`` = 1 / its token count gives that mean directly.
     """
     head = drlora.head if chunk_size != 0 else None
-    tokens = chunk_tokens(head, chunk_size) if head is not None else 0
+    tokens = chunk_tokens(head.vocab, chunk_size) if head is not None else 0
     chunked = chunked_cross_entropy(head, tokens) if head is not None else None
 
     def loss(model, batch, lengths, scale=1.0):

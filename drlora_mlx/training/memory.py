@@ -9,7 +9,8 @@ config.json without weights (``model_from_config``): MLX arrays are lazy and
 nothing here evaluates them, so planning a 30B model allocates nothing.
 
 Parts of the peak (bytes):
-- base weights at their quantization, as mlx-lm holds them;
+- base weights at their quantization and in the dtype they are stored in (the
+  safetensors headers; config.json's dtype when there are none), as mlx-lm holds them;
 - expert LoRA state, 16 bytes per trainable value (float32 value, gradient,
   two AdamW moments) and 4 per table entry. Masked layout: every module holds
   A (E, r_max, in), B (E, out, r_max), a rank mask and an importance EMA
@@ -19,7 +20,10 @@ Parts of the peak (bytes):
   per module and an importance EMA per slot; while a layer runs, its factors
   gathered at width r_max and their gradient (float32);
 - the router's full weights when they train (value, gradient, two moments);
-- activations kept for the backward pass and the logits (``activation_bytes``).
+- activations kept for the backward pass and what the loss holds
+  (``activation_bytes``): per token and layer, counts of values fitted to
+  measured peaks of real training steps (``LAYER_VALUES``), and every token's
+  logits (the plain loss) or a few chunks' (the chunked loss).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..config.settings import DRLoRAConfig, Ranks
 from ..formats.base_model import ModelError
 from ..lora.masked import ExpertLoRA
 from ..lora.pooled import RankPool
+from .loss import CHUNKS_THAT_PAY, chunk_tokens
 
 # A run "fits" when its estimate stays under this share of what the machine can
 # give: the rest is the system, other processes and MLX's buffer cache.
@@ -47,6 +52,27 @@ STATE_BYTES = 16  # a trainable float32 value: itself, its gradient, two AdamW m
 TABLE_BYTES = 4  # a float32 or int32 entry that does not train (mask, slot table, EMA)
 GATHERED_BYTES = 2 * 4  # a gathered float32 factor value and its gradient
 # config.json keys for the experts each token is routed to, by family.
+# safetensors dtype names: the floating ones MLX holds, and the bytes of every name a Hub header may count.
+SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2,
+                     "U16": 2}
+# What a training step holds besides the weights and the LoRA state, measured (``scripts/memory_fit.py``
+# fits these to the peaks of real steps on tiny and real-width models; ``tests/test_memory.py`` checks
+# the estimate against measured peaks of shapes outside the fit). Values per token in the activations'
+# dtype, per decoder layer, by what they scale with: the hidden size H, the attention's query width,
+# the routed experts' inputs (top-k x H) and intermediates (top-k x I), the attention scores (heads x T).
+LAYER_VALUES = {"hidden": 0.0, "query": 4.0, "expert_inputs": 3.73, "expert_intermediates": 5.43,
+                "attention_scores": 0.83}
+# The first decoder layer keeps this share of a layer's activations: nothing before it trains, so its
+# attention needs no gradient for its input.
+FIRST_LAYER_SHARE = 0.2
+# With gradient checkpointing every layer still keeps this share of its activations (measured on 2-32
+# layer models: MLX does not free all of a recomputed layer's forward), and this many layers' worth is
+# alive while layers are recomputed and differentiated.
+CHECKPOINTED_SHARE = 0.10
+RECOMPUTED_LAYERS = 2.8
+PLAIN_LOGITS = 4.0  # per token, x vocabulary: the logits, their softmax and gradients
+CHUNKED_LOGITS = 12.0  # chunk-sized (tokens x vocabulary) float32 arrays in flight in the chunked loss
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k_experts", "moe_topk", "num_experts_per_token", "moe_top_k")
 
 
@@ -83,6 +109,7 @@ class ModelShape:
     expert_dim: int  # I: an expert's intermediate size
     top_k: int
     heads: int
+    query_width: int  # attention heads x head size
     vocab: int
     base_weight_bytes: int
     dtype: mx.Dtype  # of the activations: the embedding's output
@@ -124,6 +151,12 @@ def _top_k(settings: dict) -> int:
     return max(value) if isinstance(value, list) else int(value)
 
 
+def _query_width(settings: dict, hidden: int) -> int:
+    """Attention heads x head size (the head size: config.json's, else hidden / heads)."""
+    heads = settings.get("num_attention_heads") or 0
+    return heads * (settings.get("head_dim") or hidden // max(1, heads))
+
+
 def model_shape(model: nn.Module, targets: tuple[str, ...], config: dict) -> ModelShape:
     """The shape of ``model`` (live, or built by ``model_from_config``) for LoRA on
     ``targets``; ``config``: its config.json keys (top-k, attention heads)."""
@@ -160,6 +193,7 @@ def model_shape(model: nn.Module, targets: tuple[str, ...], config: dict) -> Mod
         expert_dim=expert_dim,
         top_k=_top_k(settings),
         heads=settings.get("num_attention_heads", 0),
+        query_width=_query_width(settings, hidden),
         vocab=embedding.weight.shape[0],
         base_weight_bytes=_base_weight_bytes(model),
         dtype=embedding.scales.dtype if "scales" in embedding else embedding.weight.dtype,
@@ -202,16 +236,34 @@ def router_state_bytes(shape: ModelShape, config: DRLoRAConfig) -> int:
     return sum(modules[0][0] for modules in shape.targets) * shape.hidden * STATE_BYTES
 
 
-def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, grad_checkpoint: bool) -> int:
-    """Activations kept for the backward pass, roughly: per token and layer the
-    residual stream and attention projections (~12 H), the chosen experts'
-    intermediate activations (~4 k I), attention scores (heads x T); only one
-    layer's worth when gradient checkpointing recomputes the rest; and the
-    logits with their softmax and gradient (3 V per token)."""
-    per_token_layer = 12 * shape.hidden + 4 * shape.top_k * shape.expert_dim + shape.heads * seq_len
-    kept_layers = 1 + (shape.layers ** 0.5 if grad_checkpoint else shape.layers)
+def layer_values(shape: ModelShape, seq_len: int) -> float:
+    """Values per token that one decoder layer keeps for its backward pass (``LAYER_VALUES``)."""
+    c = LAYER_VALUES
+    return (c["hidden"] * shape.hidden + c["query"] * shape.query_width + c["expert_inputs"] * shape.top_k * shape.hidden
+            + c["expert_intermediates"] * shape.top_k * shape.expert_dim + c["attention_scores"] * shape.heads * seq_len)
+
+
+def logits_bytes(shape: ModelShape, tokens: int, chunk_tokens: int) -> int:
+    """What the loss holds: every token's logits and their gradient (the plain loss, mlx-lm's), or a
+    constant number of chunks' worth (the chunked loss, float32) when the batch has more than
+    ``CHUNKS_THAT_PAY`` chunks."""
+    if chunk_tokens and tokens > CHUNKS_THAT_PAY * chunk_tokens:
+        return int(CHUNKED_LOGITS * chunk_tokens * shape.vocab * 4)
+    return int(PLAIN_LOGITS * tokens * shape.vocab * shape.dtype.size)
+
+
+def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, grad_checkpoint: bool,
+                     chunk_tokens: int = 0) -> int:
+    """Activations kept for the backward pass and what the loss holds (``chunk_tokens`` 0: the plain
+    loss). Without gradient checkpointing every layer keeps its activations (the first a share of
+    them); with it, a share of them (``CHECKPOINTED_SHARE``) and a few layers' worth while they are
+    recomputed."""
     tokens = batch_size * seq_len
-    return int(tokens * (per_token_layer * kept_layers + 3 * shape.vocab) * shape.dtype.size)
+    layers = shape.layers - 1 + FIRST_LAYER_SHARE
+    if grad_checkpoint:
+        layers = min(layers, CHECKPOINTED_SHARE * shape.layers + RECOMPUTED_LAYERS)
+    values = layers * layer_values(shape, seq_len)
+    return int(tokens * values * shape.dtype.size) + logits_bytes(shape, tokens, chunk_tokens)
 
 
 class PeakEstimate(int):
@@ -227,10 +279,12 @@ class PeakEstimate(int):
 
 
 def peak_estimate(shape: ModelShape, config: DRLoRAConfig, layout: str, batch_size: int, seq_len: int,
-                  grad_checkpoint: bool, ranks: Ranks | None = None, fixed_rank_lora: int = 0) -> PeakEstimate:
+                  grad_checkpoint: bool, ranks: Ranks | None = None, fixed_rank_lora: int = 0,
+                  chunk_tokens: int = 0) -> PeakEstimate:
     """The peak of a run of ``config`` on a model of ``shape`` in ``layout``, at
     ``ranks`` (default: the config's); ``fixed_rank_lora``: trainable values of
-    the LoRA outside the growth pool (shared experts, attention)."""
+    the LoRA outside the growth pool (shared experts, attention); ``chunk_tokens``:
+    of the chunked loss (0: the plain loss)."""
     ranks = ranks or config.ranks
     parts = {
         "base weights": shape.base_weight_bytes,
@@ -238,20 +292,29 @@ def peak_estimate(shape: ModelShape, config: DRLoRAConfig, layout: str, batch_si
         "fixed-rank LoRA state": fixed_rank_lora * STATE_BYTES,
         "gathered LoRA factors": gathered_bytes(shape, ranks, layout),
         "router": router_state_bytes(shape, config),
-        "activations": activation_bytes(shape, batch_size, seq_len, grad_checkpoint),
+        "activations": activation_bytes(shape, batch_size, seq_len, grad_checkpoint, chunk_tokens),
     }
     lora = ("expert LoRA state", "fixed-rank LoRA state", "gathered LoRA factors")
     return PeakEstimate(parts, lora, rank_flag(config, layout))
 
 
-def estimate_peak_bytes(model, drlora, batch_size: int, seq_len: int, grad_checkpoint: bool) -> PeakEstimate:
+def estimate_peak_bytes(model, drlora, batch_size: int, seq_len: int, grad_checkpoint: bool,
+                        loss_chunk_size: int | None = None) -> PeakEstimate:
     """The peak of training ``model`` with ``drlora`` attached (in its layout) at
-    ``batch_size`` x ``seq_len`` tokens."""
+    ``batch_size`` x ``seq_len`` tokens, with the loss ``loss_chunk_size`` makes."""
     args = getattr(model, "args", None)
     shape = model_shape(model, drlora.targets, vars(args) if args is not None else {})
     fixed = sum(lora.lora_a.size + lora.lora_b.size for _, lora in drlora.extra_loras)
+    chunk = chunk_tokens(shape.vocab, loss_chunk_size) if drlora.head is not None and loss_chunk_size != 0 else 0
     return peak_estimate(shape, drlora.config, drlora.config.resolved_lora_layout, batch_size, seq_len, grad_checkpoint,
-                         fixed_rank_lora=fixed)
+                         fixed_rank_lora=fixed, chunk_tokens=chunk)
+
+
+def mlx_lm_peak_bytes(shape: ModelShape, rank: int, batch_size: int, seq_len: int, grad_checkpoint: bool) -> int:
+    """The peak of mlx-lm's own LoRA trainer at ``rank`` on the same expert projections: its LoRA
+    state, every token's logits (its loss), the same activations."""
+    return (shape.base_weight_bytes + uniform_lora_state_bytes(shape, rank)
+            + activation_bytes(shape, batch_size, seq_len, grad_checkpoint))
 
 
 def memory_warning(estimate: int, available: int) -> str | None:
@@ -277,19 +340,27 @@ def largest_rank(peak_at, budget: int, cap: int) -> int:
 # ----- a model from its config.json alone ---------------------------------------------------
 
 
-def read_model_config(model: str) -> dict:
-    """config.json of a local model folder or of a Hugging Face id (only that file is fetched)."""
+def config_file(model: str) -> Path:
+    """The config.json of a local model folder or of a Hugging Face id (only that file is fetched)."""
     path = Path(model).expanduser()
     if path.is_dir():
         file = path / "config.json"
         if not file.exists():
             raise ModelError(f"{path} has no config.json: give a model folder in the Hugging Face / mlx-lm layout")
-    elif path.exists():
+        return file
+    if path.exists():
         raise ModelError(f"{path} is a file: give the model folder that holds its config.json")
-    elif model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelError(f"model {model!r} does not exist: give a local model folder or a Hugging Face id (org/name)")
-    else:
-        file = _hub_config(model)
+    return _hub_config(model)
+
+
+def read_model_config(model: str) -> dict:
+    """config.json of a local model folder or of a Hugging Face id, as a dict."""
+    return _read_config(config_file(model))
+
+
+def _read_config(file: Path) -> dict:
     try:
         config = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError):
@@ -323,10 +394,52 @@ def _hub_config(model: str) -> Path:
 
 
 def config_dtype(config: dict) -> str | None:
-    """The dtype config.json gives the weights (None: it names none; they are taken to be bfloat16)."""
+    """The dtype config.json gives the weights (None: it names none)."""
     settings = _settings(config)
     dtype = settings.get("torch_dtype") or settings.get("dtype")
     return str(dtype) if dtype else None
+
+
+def _header_bytes(file: Path) -> dict[str, int]:
+    """Bytes per safetensors dtype name ("F32", "BF16", ...) in one file, read from its header only."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    counts: dict[str, int] = {}
+    for name, tensor in header.items():
+        if name != "__metadata__":
+            start, end = tensor["data_offsets"]
+            counts[tensor["dtype"]] = counts.get(tensor["dtype"], 0) + end - start
+    return counts
+
+
+def _hub_header_bytes(model: str) -> dict[str, int]:
+    """Bytes per dtype of a Hub model's safetensors, from their headers (two small requests); {} offline."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return {}
+    try:
+        counts = HfApi().get_safetensors_metadata(model).parameter_count
+    except Exception:  # not a safetensors repository, or the Hub cannot be reached: the config decides
+        return {}
+    return {dtype: n * SAFETENSORS_BYTES.get(dtype, 1) for dtype, n in counts.items()}
+
+
+def disk_dtype(model: str, folder: Path | None) -> str | None:
+    """The floating dtype that most of a checkpoint's floating-point bytes are stored in, read from
+    the safetensors headers of ``folder`` (a local model, or the Hub cache's snapshot of one), else
+    of the Hub repository ``model``; mlx-lm holds the weights in the dtype they are stored in,
+    whatever config.json says. None: no headers could be read."""
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    counts: dict[str, int] = {}
+    for file in files:
+        for dtype, n in _header_bytes(file).items():
+            counts[dtype] = counts.get(dtype, 0) + n
+    if not files and not Path(model).expanduser().exists():
+        counts = _hub_header_bytes(model)
+    floating = {SAFETENSORS_FLOATS[d]: n for d, n in counts.items() if d in SAFETENSORS_FLOATS}
+    return max(floating, key=floating.get) if floating else None
 
 
 def _quantization(config: dict) -> tuple[dict | None, bool]:
@@ -347,9 +460,10 @@ def _quantization(config: dict) -> tuple[dict | None, bool]:
                      "(mlx_lm.convert -q), MXFP4 and float weights; give the model's float or mlx-lm version")
 
 
-def model_from_config(config: dict) -> nn.Module:
-    """The mlx-lm model ``config`` describes, in the dtype and quantization its
-    weights would load with, but without weights: nothing is evaluated."""
+def model_from_config(config: dict, dtype: str | None = None) -> nn.Module:
+    """The mlx-lm model ``config`` describes, in the quantization its weights
+    would load with and in ``dtype`` (default: the config's, else bfloat16),
+    but without weights: nothing is evaluated."""
     from mlx_lm.models.switch_layers import SwitchLinear
 
     from ..families import lookup
@@ -365,7 +479,7 @@ def model_from_config(config: dict) -> nn.Module:
         raise ModelError(
             f"mlx-lm cannot build a {config['model_type']!r} model from this config.json: {first}") from None
     lookup(model)
-    dtype = getattr(mx, config_dtype(config) or "bfloat16", None)
+    dtype = getattr(mx, dtype or config_dtype(config) or "bfloat16", None)
     if isinstance(dtype, mx.Dtype) and mx.issubdtype(dtype, mx.floating):
         keep = getattr(model, "cast_predicate", lambda _: True)  # parameters the model keeps in float32
         model.update(tree_map_with_path(
@@ -392,17 +506,26 @@ def model_from_config(config: dict) -> nn.Module:
     return model
 
 
-def memory_plan(model: str, config: DRLoRAConfig, batch_size: int, seq_len: int, grad_checkpoint: bool) -> dict:
+def memory_plan(model: str, config: DRLoRAConfig, batch_size: int, seq_len: int, grad_checkpoint: bool,
+                loss_chunk_size: int | None = None) -> dict:
     """The memory a run of ``config`` on ``model`` (a folder or a Hugging Face id,
-    of which only config.json is read) needs, in both layouts, against what this
-    machine can give; for ``drlora-mlx plan --model``."""
-    settings = read_model_config(model)
-    shape = model_shape(model_from_config(settings), config.targets, settings)
+    of which only config.json and the safetensors headers are read) needs, in both
+    layouts, against what this machine can give; for ``drlora-mlx plan --model``."""
+    file = config_file(model)
+    settings = _read_config(file)
+    on_disk = disk_dtype(model, file.parent)
+    dtype = on_disk or config_dtype(settings)
+    shape = model_shape(model_from_config(settings, dtype), config.targets, settings)
     quantization = _quantization(settings)[0] or {}
     layout = config.resolved_lora_layout
     available = available_bytes()
     budget = int(FIT_SHARE * available)
-    estimates = {l: peak_estimate(shape, config, l, batch_size, seq_len, grad_checkpoint) for l in LAYOUTS}
+    chunk = chunk_tokens(shape.vocab, loss_chunk_size) if loss_chunk_size != 0 else 0
+
+    def peak(layout: str, ranks: Ranks | None = None, chunk: int = chunk) -> PeakEstimate:
+        return peak_estimate(shape, config, layout, batch_size, seq_len, grad_checkpoint, ranks, chunk_tokens=chunk)
+
+    estimates = {l: peak(l) for l in LAYOUTS}
     r_init, r_target, r_max = config.ranks
     used = estimates[layout]
     return {
@@ -412,28 +535,30 @@ def memory_plan(model: str, config: DRLoRAConfig, batch_size: int, seq_len: int,
         "hidden": shape.hidden,
         "expert_dim": shape.expert_dim,
         "top_k": shape.top_k,
-        "dtype": config_dtype(settings),
+        "dtype": dtype or "bfloat16",
+        "dtype_from": "safetensors headers" if on_disk else "config.json" if dtype else "assumed: no dtype given",
         "quantization": {k: v for k, v in quantization.items() if k in ("group_size", "bits", "mode")} or None,
         "batch_size": batch_size,
         "max_seq_length": seq_len,
         "grad_checkpoint": grad_checkpoint,
         "lora_layout": layout,
+        "loss_chunk_tokens": chunk if chunk and batch_size * seq_len > CHUNKS_THAT_PAY * chunk else 0,
         "peak_bytes": int(used),
         "base_weight_bytes": shape.base_weight_bytes,
         "lora_state_bytes": used.parts["expert LoRA state"],
         "gathered_factor_bytes": used.parts["gathered LoRA factors"],
         "router_state_bytes": used.parts["router"],
         "activation_bytes": used.parts["activations"],
+        "logits_bytes": logits_bytes(shape, batch_size * seq_len, chunk),
+        "plain_loss_peak_bytes": int(peak(layout, chunk=0)),
         "uniform_lora_state_bytes": uniform_lora_state_bytes(shape, r_target),
+        "mlx_lm_peak_bytes": mlx_lm_peak_bytes(shape, r_target, batch_size, seq_len, grad_checkpoint),
         "layouts": {l: {"peak_bytes": int(e), "lora_state_bytes": e.parts["expert LoRA state"],
                         "gathered_factor_bytes": e.parts["gathered LoRA factors"]} for l, e in estimates.items()},
         "available_bytes": available,
         "fits": used <= budget,
-        "largest_r_max": largest_rank(
-            lambda r: peak_estimate(shape, config, "masked", batch_size, seq_len, grad_checkpoint,
-                                    Ranks(r_init, r_target, r)), budget, min(shape.hidden, shape.expert_dim)),
-        "largest_r_target": largest_rank(
-            lambda r: peak_estimate(shape, config, "pooled", batch_size, seq_len, grad_checkpoint,
-                                    Ranks(r_init, r, r_max)), budget, r_max),
+        "largest_r_max": largest_rank(lambda r: peak("masked", Ranks(r_init, r_target, r)), budget,
+                                      min(shape.hidden, shape.expert_dim)),
+        "largest_r_target": largest_rank(lambda r: peak("pooled", Ranks(r_init, r, r_max)), budget, r_max),
         "warning": memory_warning(used, available),
     }

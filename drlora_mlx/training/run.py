@@ -164,7 +164,7 @@ class _Run:
             )
         longest = max(len(self.train_set[i][0]) for i in range(len(self.train_set)))
         estimate = estimate_peak_bytes(self.model, drlora, args.batch_size, min(longest, args.max_seq_length),
-                                       args.grad_checkpoint)
+                                       args.grad_checkpoint, args.loss_chunk_size)
         warning = memory_warning(estimate, available_bytes())
         if warning:
             self.say(warning)
