@@ -13,6 +13,15 @@ two AdamW moments) as a share of its peak; ``--json`` ends with one JSON object.
     python scripts/bench.py                        # the larger default shape
     python scripts/bench.py --shape many-experts   # 128 small experts, 4-bit: the LoRA state dominates
     python scripts/bench.py --shape olmoe          # OLMoE-1B-7B shaped (a GPU machine)
+
+Slices of real models (real widths and vocabulary, two to four layers, random
+weights) compare mlx-lm's own trainer step (LoRA at r_target, its gradient
+checkpointing, its loss) with ``drlora-mlx train``'s (DR-LoRA, gradient
+checkpointing, the chunked loss), each in fresh processes, and set the
+estimate of ``drlora-mlx plan`` beside the measured peak:
+
+    python scripts/bench.py --shape qwen3-30b-a3b --tokens 512     # Qwen3-30B-A3B, float and 4-bit
+    python scripts/bench.py --shape gpt-oss-20b --bases 4
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import gc
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from functools import partial
@@ -43,7 +53,8 @@ from mlx_lm.tuner.trainer import default_loss  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
 from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs  # noqa: E402
-from drlora_mlx.formats.tiny import TinyShape, tiny_model_path  # noqa: E402
+from drlora_mlx.families.mlx_lm_names import model_classes  # noqa: E402
+from drlora_mlx.formats.tiny import TinyShape, family_config, tiny_model_path  # noqa: E402
 from drlora_mlx.lora.attach import attach  # noqa: E402
 from drlora_mlx.training.trainer import Trainer  # noqa: E402
 
@@ -81,6 +92,11 @@ def mlx_lm_step(model_path, rank):
     model.freeze()
     keys = ["mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"]
     linear_to_lora_layers(model, len(model.layers), {"rank": rank, "scale": 2.0, "dropout": 0.0, "keys": keys})
+    return mlx_lm_step_of(model)
+
+
+def mlx_lm_step_of(model):
+    """The compiled step of mlx-lm's trainer (value_and_grad of its loss, AdamW) on ``model`` with LoRA on."""
     optimizer = optim.AdamW(learning_rate=LR, weight_decay=0.0)
     state = [model.state, optimizer.state, mx.random.state]
     loss_and_grad = nn.value_and_grad(model, default_loss)
@@ -259,13 +275,185 @@ def base_summary(r, tokens):
     }
 
 
+# ----- slices of real models -------------------------------------------------------------------------------------
+
+# Real widths (hidden, experts, top-k, expert dim, heads, head size, vocabulary), few layers, random weights, built in
+# memory: (family, shape, config keys over the family's tiny config). Layers: the repeating unit of each model.
+SLICES = {
+    "qwen3-30b-a3b": ("qwen3_moe", TinyShape(hidden=2048, layers=2, experts=128, top_k=8, expert_dim=768, heads=32,
+                                             kv_heads=4, vocab=151936), {"head_dim": 128}),
+    "olmoe-1b-7b": ("olmoe", TinyShape(hidden=2048, layers=2, experts=64, top_k=8, expert_dim=1024, heads=16,
+                                       kv_heads=16, vocab=50304), {}),
+    "gpt-oss-20b": ("gpt_oss", TinyShape(hidden=2880, layers=2, experts=32, top_k=4, expert_dim=2880, heads=64,
+                                         kv_heads=8, vocab=201088), {"head_dim": 64, "sliding_window": 128}),
+    # three gated-delta layers, then full attention
+    "qwen3.5-35b-a3b": ("qwen3_5_moe", TinyShape(hidden=2048, layers=4, experts=256, top_k=8, expert_dim=512,
+                                                 heads=16, kv_heads=2, vocab=248320),
+                        {"head_dim": 256, "full_attention_interval": 4, "linear_num_value_heads": 32,
+                         "linear_num_key_heads": 16, "linear_key_head_dim": 128, "linear_value_head_dim": 128}),
+}
+SLICE_VARIANTS = ("mlx_lm", "drlora")
+
+
+def slice_model(name: str, bits: int | None, evaluate: bool = True):
+    """The slice's model with seeded random weights (float32: the CPU backend's expert products need it), or
+    quantized as ``mlx_lm.convert -q`` quantizes (group 64, layers whose input is a multiple of 64); without
+    ``evaluate``, lazy: nothing allocated."""
+    family, shape, keys = SLICES[name]
+    config = family_config(family, shape)
+    text = config.get("text_config", config)
+    text.update(keys)
+    model_class, args_class = model_classes(config)
+    mx.random.seed(0)
+    model = model_class(args_class.from_dict(config))
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
+    if evaluate:
+        mx.eval(model.parameters())
+    return model
+
+
+def expert_keys(model) -> list[str]:
+    """mlx-lm's ``keys`` for LoRA on the routed experts' up and down projections of a decoder layer."""
+    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+    from drlora_mlx.families.mlx_lm_names import projection_name
+
+    for path, module in model.layers[0].named_modules():
+        if isinstance(module, (SwitchGLU, SwitchMLP)):
+            return [f"{path}.{projection_name(module, t)}" for t in ("up_proj", "down_proj")]
+    raise SystemExit("no routed experts in the slice's first layer")
+
+
+def slice_worker(name: str, variant: str, bits: int | None, seq: int, steps: int) -> dict:
+    """One variant on one slice, alone in its process: peak memory above the weights of a step at batch 1 x
+    ``seq`` with gradient checkpointing, and the median seconds of ``steps`` steps."""
+    from mlx_lm.tuner.trainer import grad_checkpoint as mlx_lm_grad_checkpoint
+
+    model = slice_model(name, bits)
+    mx.eval(model.parameters())
+    weights = mx.get_active_memory()
+    r_init, r_target, r_max = RANKS
+    if variant == "mlx_lm":
+        model.freeze()
+        linear_to_lora_layers(model, len(model.layers),
+                              {"rank": r_target, "scale": 2.0, "dropout": 0.0, "keys": expert_keys(model)})
+        mlx_lm_grad_checkpoint(model.layers[0])
+        step, _ = mlx_lm_step_of(model)
+    else:
+        drlora = attach(model, DRLoRAConfig(r_init=r_init, r_target=r_target, r_max=r_max, train_router="never"),
+                        seed=0)
+        ranks = drlora.ranks()  # one expert per module at r_max: the widest product, as late in growth
+        ranks[:, 0] = r_max
+        drlora.set_ranks(ranks)
+        trainer = Trainer(model, drlora, TrainingArgs(iters=steps + 1, batch_size=1, learning_rate=LR,
+                                                      grad_checkpoint=True))
+        step = trainer.train_step
+    data = batches(steps + 1, 1, seq, SLICES[name][1].vocab)
+    step(*data[0])  # compiled and warm
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    seconds = []
+    for b, l in data[1:]:
+        tic = time.perf_counter()
+        step(b, l)
+        seconds.append(time.perf_counter() - tic)
+    return {"weights": weights, "above": mx.get_peak_memory() - weights, "seconds": statistics.median(seconds)}
+
+
+def slice_plan(name: str, bits: int | None, seq: int) -> dict:
+    """``drlora-mlx plan``'s estimates for the slice (its model built without weights), above the weights:
+    DR-LoRA with the chunked loss and mlx-lm's LoRA at r_target with its plain loss."""
+    from drlora_mlx.training import memory
+
+    model = slice_model(name, bits, evaluate=False)
+    config = DRLoRAConfig(r_init=RANKS[0], r_target=RANKS[1], r_max=RANKS[2], train_router="never")
+    shape = memory.model_shape(model, config.targets, vars(model.args))
+    chunk = memory.chunk_tokens(shape.vocab, None)
+    drlora = memory.peak_estimate(shape, config, "pooled", 1, seq, True, chunk_tokens=chunk)
+    mlx_lm = memory.mlx_lm_peak_bytes(shape, RANKS[1], 1, seq, True)
+    return {"drlora": int(drlora) - shape.base_weight_bytes, "mlx_lm": mlx_lm - shape.base_weight_bytes}
+
+
+def run_slice(name: str, seq: int, bases, rounds: int, steps: int) -> dict:
+    """Every variant on every base, each round in fresh processes (the order alternating), so that neither
+    variant inherits the other's memory or patched classes."""
+    results = {}
+    for bits in bases:
+        label = f"{bits}bit" if bits else "float"
+        runs = {v: [] for v in SLICE_VARIANTS}
+        for r in range(rounds):
+            for variant in SLICE_VARIANTS[:: 1 if r % 2 == 0 else -1]:
+                job = json.dumps({"name": name, "variant": variant, "bits": bits, "seq": seq, "steps": steps})
+                out = subprocess.run([sys.executable, __file__, "--slice-worker", job], capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{name} {label} {variant}: {out.stderr.strip().splitlines()[-1]}")
+                runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"  {label} round {r + 1} {variant}: {runs[variant][-1]}", flush=True)
+        results[label] = runs
+    return results
+
+
+def spread(values) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def print_slice(name: str, seq: int, results: dict) -> dict:
+    """The slice's table: per variant the median (range) over rounds, plan's estimate over the measured peak,
+    and DR-LoRA's ratios to mlx-lm."""
+    family, shape, _ = SLICES[name]
+    print(f"\n{name} slice ({family}, {shape.layers} layers, hidden {shape.hidden}, {shape.experts} experts top-"
+          f"{shape.top_k}, expert dim {shape.expert_dim}, vocabulary {shape.vocab:,}), batch 1 x {seq}, "
+          f"--grad-checkpoint; median (range) over rounds")
+    print(f"{'base':<6} {'variant':<8} {'weights GB':>10} {'peak above weights GB':>24} {'MB/token':>9} "
+          f"{'plan/measured peak':>19} {'above weights':>14} {'step s':>22}")
+    summary = {}
+    for label, runs in results.items():
+        plan = slice_plan(name, None if label == "float" else int(label[:-3]), seq)
+        summary[label] = {}
+        for variant, rows in runs.items():
+            above = statistics.median(r["above"] for r in rows)
+            weights = rows[0]["weights"]
+            whole, part = (plan[variant] + weights) / (above + weights), plan[variant] / above
+            print(f"{label:<6} {variant:<8} {weights / 1e9:>10.2f} {spread([r['above'] / 1e9 for r in rows]):>24} "
+                  f"{above / 1e6 / seq:>9.2f} {whole:>18.3f}x {part:>13.3f}x "
+                  f"{spread([r['seconds'] for r in rows]):>22}")
+            summary[label][variant] = {"above_bytes": above, "weights_bytes": weights, "plan_ratio": whole,
+                                       "plan_ratio_above_weights": part,
+                                       "seconds": statistics.median(r["seconds"] for r in rows)}
+        peak = [d["above"] / m["above"] for d, m in zip(runs["drlora"], runs["mlx_lm"])]
+        step = [d["seconds"] / m["seconds"] for d, m in zip(runs["drlora"], runs["mlx_lm"])]
+        print(f"{label:<6} DR-LoRA / mlx-lm: peak above weights {spread(peak)}, step time {spread(step)}")
+        summary[label].update({"peak_ratio": statistics.median(peak), "step_ratio": statistics.median(step)})
+    return summary
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shape, few steps (< 3 minutes on 2 CPU cores)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    parser.add_argument("--shape", choices=sorted(SHAPES) + sorted(SLICES), default=None)
     parser.add_argument("--steps", type=int, default=None, help="measured steps per variant")
+    parser.add_argument("--tokens", type=int, default=512, help="sequence length of a real-model slice")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of a real-model slice, fresh processes each")
+    parser.add_argument("--bases", default="float,4", help="bases of a real-model slice: float and/or bits")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
+    parser.add_argument("--slice-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.slice_worker:
+        job = json.loads(args.slice_worker)
+        print(json.dumps(slice_worker(job["name"], job["variant"], job["bits"], job["seq"], job["steps"])))
+        return
+    if args.shape in SLICES:
+        bases = [None if b == "float" else int(b) for b in args.bases.split(",")]
+        print(f"device {mx.default_device()}, {platform.machine()} {platform.system()}, slice {args.shape}, "
+              f"ranks r_init/r_target/r_max {RANKS}; mlx-lm's LoRA at r_target {RANKS[1]}", flush=True)
+        results = run_slice(args.shape, args.tokens, bases, args.rounds, args.steps or 2)
+        summary = print_slice(args.shape, args.tokens, results)
+        if args.json:
+            print(json.dumps({"shape": args.shape, "tokens": args.tokens, **summary, "runs": results}))
+        return
     shape_name = args.shape or ("quick" if args.quick else "default")
     shape, batch, seq, bases = SHAPES[shape_name]
     few = args.quick or shape_name == "many-experts"  # a 1-3 minute run, like --quick

@@ -37,7 +37,7 @@ from drlora_mlx import DRLoRAConfig, attach  # noqa: E402
 from drlora_mlx.families.mlx_lm_names import model_classes  # noqa: E402
 from drlora_mlx.families.spec import TinyShape  # noqa: E402
 from drlora_mlx.formats.tiny import family_config  # noqa: E402
-from drlora_mlx.training.loss import make_loss  # noqa: E402
+from drlora_mlx.training.loss import chunk_tokens, make_loss  # noqa: E402
 
 SLICE = TinyShape(hidden=2048, layers=1, experts=16, top_k=8, expert_dim=768, heads=32, kv_heads=4, vocab=151936)
 
@@ -88,7 +88,7 @@ def main() -> None:
         for name, loss in losses(drlora).items():
             measured[name].append(peak(model, loss, batch, lengths))
     report = {"tokens": args.tokens, "vocab": SLICE.vocab, "hidden": SLICE.hidden, "weights_bytes": weights,
-              "chunk_tokens": max(16, (1 << 23) // SLICE.vocab)}
+              "chunk_tokens": chunk_tokens(SLICE.vocab, None)}
     for name, values in measured.items():
         report[name] = {"median_bytes": statistics.median(values), "min_bytes": min(values), "max_bytes": max(values)}
     base = report["mlx_lm"]["median_bytes"]
