@@ -183,6 +183,15 @@ def test_a_routed_adapter_loads_in_stock_mlx_lm_and_exports_to_peft(routed_run, 
     assert np.abs(theirs(model, tmp_path / "peft") - want).max() < TOL
 
 
+def test_a_routed_adapter_fuses_into_its_base(routed_run, tmp_path, capsys):
+    model, out = routed_run
+    code, _, err = run_cli(["fuse", "--adapter-path", str(out), "--save-path", str(tmp_path / "fused")], capsys)
+    assert code == 0, err
+    want = ours(model, out)
+    assert np.abs(ours(tmp_path / "fused") - want).max() < TOL
+    assert np.abs(theirs(tmp_path / "fused") - want).max() < TOL
+
+
 def test_a_capped_run_says_what_it_leaves_unspent(tiny_models, tmp_path, capsys):
     model = tiny_models("qwen3_moe", shape=SHAPE)
     code, text, err = run_cli(["train", "--model", str(model), "--adapter-path", str(tmp_path / "a"), *TRAIN,
