@@ -12,6 +12,7 @@ ARM_LABELS = {
     "lora_r_target": "LoRA r_target (same budget)",
     "lora_r_max": "LoRA r_max (2x budget)",
     "drlora": "DR-LoRA",
+    "routed": "Routed experts (top quarter, same budget)",
     "frequency_only": "DR-LoRA, frequency-only saliency",
     "importance_only": "DR-LoRA, importance-only saliency",
     "frozen_router": "DR-LoRA, frozen router",
@@ -94,12 +95,12 @@ def results_table(results: dict, tasks: list[str], arms: list[str]) -> str:
 
 
 def rank_table(results: dict, tasks: list[str], arms: list[str], r_target: int) -> str:
-    """Per DR-LoRA arm and task: spread of the final module ranks and their correlation with task routing."""
+    """Per DR-LoRA or routed arm and task: spread of the final module ranks and their correlation with task routing."""
     lines = ["| arm | task | min rank | max rank | std of ranks | modules above r_target | rank-routing correlation |",
              "|---|---|---|---|---|---|---|"]
     for arm in arms:
         for t in tasks:
-            runs = [r for r in results["tasks"][t]["arms"].get(arm, []) if r["method"] == "drlora"]
+            runs = [r for r in results["tasks"][t]["arms"].get(arm, []) if r["method"] != "lora"]
             if not runs:
                 continue
             ranks = [np.asarray(r["ranks"]) for r in runs]

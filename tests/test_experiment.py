@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from experiment_report import expert_ranks, rank_routing_correlation, spearman  # noqa: E402
 
-ARMS = ["lora_r_target", "lora_r_max", "drlora", "frequency_only", "importance_only", "frozen_router",
+ARMS = ["lora_r_target", "lora_r_max", "drlora", "routed", "frequency_only", "importance_only", "frozen_router",
         "global_allocation"]
 TASKS = ["arithmetic", "strings", "code"]
 # The stated threshold: in every task, an expert's final DR-LoRA rank and the
@@ -93,9 +93,15 @@ def test_quick_experiment_end_to_end(tmp_path):
                     continue
                 # Same budget as uniform LoRA at r_target, spent unevenly.
                 assert ranks.mean() == pytest.approx(r_target)
-                assert ranks.min() < r_target < ranks.max() <= r_max
-                assert ranks.std() > 1.0
-                assert run["trajectory"][0]["mean"] == r_init
+                if arm == "routed":  # a quarter of each layer's experts, at four times r_target, the rest at 0
+                    assert run["method"] == "routed" and set(np.unique(ranks)) == {0, 4 * r_target}
+                    chosen = expert_ranks(ranks, n_experts).astype(bool).sum(axis=1)
+                    assert chosen.tolist() == [n_experts // 4] * n_layers
+                    assert run["trajectory"][0]["mean"] == 0
+                else:
+                    assert ranks.min() < r_target < ranks.max() <= r_max
+                    assert ranks.std() > 1.0
+                    assert run["trajectory"][0]["mean"] == r_init
                 assert run["trajectory"][-1]["mean"] == pytest.approx(r_target)
                 routing = np.asarray(run["routing"])
                 assert routing.shape == (n_layers, n_experts)
@@ -104,8 +110,10 @@ def test_quick_experiment_end_to_end(tmp_path):
 
     md = (out / "results.md").read_text()
     assert "| DR-LoRA |" in md and "| LoRA r_target (same budget) |" in md and "rank-routing correlation" in md
+    assert "| Routed experts (top quarter, same budget) |" in md
     figures = out / "figures"
     cell, gap = 14, 14
     for task in TASKS:
-        assert png_size(figures / f"ranks-{task}.png") == (3 * n_experts * cell + 4 * gap, n_layers * cell + 2 * gap)
+        for name in (f"ranks-{task}.png", f"routed-{task}.png"):
+            assert png_size(figures / name) == (3 * n_experts * cell + 4 * gap, n_layers * cell + 2 * gap)
     assert png_size(figures / "rank-growth.png") == (480, 240)
