@@ -113,6 +113,39 @@ def rank_table(results: dict, tasks: list[str], arms: list[str], r_target: int) 
     return "\n".join(lines)
 
 
+def budget_table(results: dict, tasks: list[str], r_init: int, r_max: int) -> str:
+    """Where DR-LoRA's budget went against the routed arm's choice, per task, seed against seed: the share
+    of DR-LoRA's grown ranks (above r_init, summed over projections) that sit on the experts the routed arm
+    chose, how many of DR-LoRA's k highest-ranked experts per layer are among those k, the share of DR-LoRA's
+    modules held at r_max (its cap binding), and the held-out routing weight each arm's top experts receive."""
+    lines = ["| task | DR-LoRA growth on routed's experts | top-k overlap | DR-LoRA modules at r_max | "
+             "routing weight on routed's experts | on DR-LoRA's top k |", "|---|---|---|---|---|---|"]
+    for t in tasks:
+        arms = results["tasks"][t]["arms"]
+        pairs = list(zip(arms.get("drlora", []), arms.get("routed", [])))
+        if not pairs:
+            continue
+        grown, overlap, capped, routed_weight, drlora_weight = [], [], [], [], []
+        for drlora, routed in pairs:
+            routing = np.asarray(drlora["routing"], dtype=np.float64)
+            n_experts = routing.shape[1]
+            chosen = expert_ranks(routed["ranks"], n_experts) > 0
+            k = int(chosen[0].sum())
+            growth = expert_ranks(np.asarray(drlora["ranks"]) - r_init, n_experts)
+            top = np.zeros_like(chosen)
+            for l, row in enumerate(expert_ranks(drlora["ranks"], n_experts)):
+                top[l, np.argsort(-row, kind="stable")[:k]] = True
+            grown.append((growth * chosen).sum() / growth.sum())
+            overlap.append((top & chosen).sum() / chosen.sum())
+            capped.append((np.asarray(drlora["ranks"]) == r_max).mean())
+            share = routing / routing.sum(axis=1, keepdims=True)
+            routed_weight.append((share * chosen).sum(axis=1).mean())
+            drlora_weight.append((share * top).sum(axis=1).mean())
+        lines.append(f"| {t} | {mean_std(grown)} | {mean_std(overlap)} | {mean_std(capped)} | "
+                     f"{mean_std(routed_weight)} | {mean_std(drlora_weight)} |")
+    return "\n".join(lines)
+
+
 def specialisation_table(record: dict) -> str:
     """Per MoE layer, before and after pretraining: how much the routing tells the domain, and how spread it is."""
     spec = record["specialisation"]

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from experiment_report import expert_ranks, rank_routing_correlation, spearman  # noqa: E402
+from experiment_report import budget_table, expert_ranks, rank_routing_correlation, spearman  # noqa: E402
 
 ARMS = ["lora_r_target", "lora_r_max", "drlora", "routed", "frequency_only", "importance_only", "frozen_router",
         "global_allocation"]
@@ -57,6 +57,19 @@ def test_rank_routing_correlation_sums_projections_per_expert():
     assert expert_ranks(ranks, 3).tolist() == [[4, 12, 6]]
     assert rank_routing_correlation(ranks, [[0.1, 0.6, 0.3]]) == pytest.approx(1.0)
     assert rank_routing_correlation(ranks, [[0.3, 0.6, 0.1]]) == pytest.approx(0.5)
+
+
+def test_budget_table_against_a_hand_count():
+    # 1 layer, 4 experts, 1 projection, r_init 1, r_max 4. Routed chose experts 0 and 2.
+    # DR-LoRA ranks 4, 1, 2, 1: growth 3, 0, 1, 0 -> 4 of 4 on the chosen; its top 2 are 0 and 2.
+    drlora = {"ranks": [[4, 1, 2, 1]], "routing": [[0.5, 0.1, 0.3, 0.1]]}
+    routed = {"ranks": [[8, 0, 8, 0]]}
+    results = {"tasks": {"t": {"arms": {"drlora": [drlora], "routed": [routed]}}}}
+    assert budget_table(results, ["t"], r_init=1, r_max=4).splitlines()[-1] == \
+        "| t | 1.000 | 1.000 | 0.250 | 0.800 | 0.800 |"
+    drlora["ranks"] = [[1, 4, 1, 2]]  # growth 0, 3, 0, 1 -> none on the chosen; its top 2 are 1 and 3
+    assert budget_table(results, ["t"], r_init=1, r_max=4).splitlines()[-1] == \
+        "| t | 0.000 | 0.000 | 0.250 | 0.800 | 0.200 |"
 
 
 def test_quick_experiment_end_to_end(tmp_path):
@@ -110,7 +123,7 @@ def test_quick_experiment_end_to_end(tmp_path):
 
     md = (out / "results.md").read_text()
     assert "| DR-LoRA |" in md and "| LoRA r_target (same budget) |" in md and "rank-routing correlation" in md
-    assert "| Routed experts (top quarter, same budget) |" in md
+    assert "| Routed experts (top quarter, same budget) |" in md and "DR-LoRA growth on routed's experts" in md
     figures = out / "figures"
     cell, gap = 14, 14
     for task in TASKS:
