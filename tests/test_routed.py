@@ -183,6 +183,19 @@ def test_a_routed_adapter_loads_in_stock_mlx_lm_and_exports_to_peft(routed_run, 
     assert np.abs(theirs(model, tmp_path / "peft") - want).max() < TOL
 
 
+def test_a_warm_start_from_a_routed_export_keeps_its_experts(routed_run, tmp_path, capsys):
+    model, out = routed_run
+    layout = next(l for l in ("fused", "per-expert") if not refusal(l, transformers.__version__))
+    export_peft(out, tmp_path / "peft", layout)
+    code, text, err = run_cli(["train", "--model", str(model), "--resume-from", str(tmp_path / "peft"),
+                               "--adapter-path", str(tmp_path / "continued"), *TRAIN], capsys)
+    assert code == 0, err
+    assert "starting from the PEFT export" in text
+    # The event at the end of the warm-up finds the export's ranks and leaves them: other routing, same experts.
+    assert read_ranks(tmp_path / "continued")["layers"] == read_ranks(out)["layers"]
+    assert not [r for r in read_metrics(tmp_path / "continued") if r["kind"] == "growth"]  # nothing grew
+
+
 def test_a_routed_adapter_fuses_into_its_base(routed_run, tmp_path, capsys):
     model, out = routed_run
     code, _, err = run_cli(["fuse", "--adapter-path", str(out), "--save-path", str(tmp_path / "fused")], capsys)
