@@ -119,24 +119,29 @@ class Arm:
     router_lr_scale: float | None = None
 
 
-# The main arms; --arms can add the router learning-rate ablation (router_lr_*).
+# The main arms; --arms can add the router learning-rate ablation (router_lr_*) and the routed arm's (routed_*).
 MAIN_ARMS = ("lora_r_target", "lora_r_max", "drlora", "routed", "frequency_only", "importance_only", "frozen_router",
              "global_allocation")
 
 
 def arms(r_init: int, r_target: int, r_max: int) -> dict[str, Arm]:
     """Every arm. All train the router after warm-up (the package's default, at
-    its default learning rate), except the frozen-router ablation and the
+    its default learning rate), except the frozen-router ablations and the
     router learning-rate ablation, so that uniform LoRA at r_target and
     DR-LoRA have the same trainable parameters."""
     drlora = DRLoRAConfig(r_init=r_init, r_target=r_target, r_max=r_max)
+    # The competitor at the same budget: r_max as large as its chosen experts' rank, so that all of it is spent.
     routed = DRLoRAConfig(method="routed", r_target=r_target)
+    routed = replace(routed, r_max=math.ceil(r_target / routed.routed_fraction))
     return {
         "lora_r_target": Arm(DRLoRAConfig(method="lora", lora_rank=r_target)),
         "lora_r_max": Arm(DRLoRAConfig(method="lora", lora_rank=r_max)),
         "drlora": Arm(drlora),
-        # The competitor at the same budget: r_max as large as the chosen experts' rank, so that it is all spent.
-        "routed": Arm(replace(routed, r_max=math.ceil(r_target / routed.routed_fraction))),
+        "routed": Arm(routed),
+        # Why it wins or loses (--arms): the router frozen, as ESFT and MoE-Sieve leave it, so that routing cannot
+        # drift off the chosen experts; routing profiled over 10% of the steps instead of 3%.
+        "routed_frozen_router": Arm(replace(routed, train_router="never")),
+        "routed_long_profile": Arm(replace(routed, warmup_ratio=0.1)),
         "frequency_only": Arm(replace(drlora, saliency="frequency")),
         "importance_only": Arm(replace(drlora, saliency="importance")),
         "frozen_router": Arm(replace(drlora, train_router="never")),

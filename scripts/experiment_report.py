@@ -13,6 +13,8 @@ ARM_LABELS = {
     "lora_r_max": "LoRA r_max (2x budget)",
     "drlora": "DR-LoRA",
     "routed": "Routed experts (top quarter, same budget)",
+    "routed_frozen_router": "Routed experts, frozen router",
+    "routed_long_profile": "Routed experts, routing profiled over 10% of the steps",
     "frequency_only": "DR-LoRA, frequency-only saliency",
     "importance_only": "DR-LoRA, importance-only saliency",
     "frozen_router": "DR-LoRA, frozen router",
