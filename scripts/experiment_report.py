@@ -148,6 +148,30 @@ def budget_table(results: dict, tasks: list[str], r_init: int, r_max: int) -> st
     return "\n".join(lines)
 
 
+def coverage_table(results: dict, tasks: list[str], arms: list[str]) -> str:
+    """Per routed arm and task, per MoE layer: the share of the run's own held-out routing (after training)
+    that reaches the experts it chose, i.e. that passes through an adapted expert."""
+    rows = []
+    for arm in arms:
+        for t in tasks:
+            runs = [r for r in results["tasks"][t]["arms"].get(arm, []) if r["method"] == "routed"]
+            if not runs:
+                continue
+            shares = []
+            for run in runs:
+                routing = np.asarray(run["routing"], dtype=np.float64)
+                chosen = expert_ranks(run["ranks"], routing.shape[1]) > 0
+                shares.append((routing * chosen).sum(axis=1) / routing.sum(axis=1))
+            per_layer = np.asarray(shares)
+            rows.append(f"| {ARM_LABELS.get(arm, arm)} | {t} | "
+                        + " | ".join(mean_std(per_layer[:, l]) for l in range(per_layer.shape[1])) + " |")
+    if not rows:
+        return ""
+    n_layers = rows[0].count("|") - 3
+    return "\n".join([f"| arm | task | {' | '.join(f'layer {l}' for l in range(n_layers))} |",
+                      "|" + "---|" * (n_layers + 2), *rows])
+
+
 def specialisation_table(record: dict) -> str:
     """Per MoE layer, before and after pretraining: how much the routing tells the domain, and how spread it is."""
     spec = record["specialisation"]

@@ -14,7 +14,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from experiment_report import budget_table, expert_ranks, rank_routing_correlation, spearman  # noqa: E402
+from experiment_report import (  # noqa: E402
+    budget_table,
+    coverage_table,
+    expert_ranks,
+    rank_routing_correlation,
+    spearman,
+)
 
 ARMS = ["lora_r_target", "lora_r_max", "drlora", "routed", "frequency_only", "importance_only", "frozen_router",
         "global_allocation"]
@@ -72,6 +78,15 @@ def test_budget_table_against_a_hand_count():
         "| t | 0.000 | 0.000 | 0.250 | 0.800 | 0.200 |"
 
 
+def test_coverage_table_against_a_hand_count():
+    # 2 layers, 4 experts, 1 projection: chosen 0 (layer 0) and 3 (layer 1).
+    run = {"method": "routed", "ranks": [[16, 0, 0, 0], [0, 0, 0, 16]], "routing": [[0.6, 0.2, 0.2, 0.0],
+                                                                                  [0.5, 0.5, 0.0, 0.0]]}
+    results = {"tasks": {"t": {"arms": {"routed": [run]}}}}
+    assert coverage_table(results, ["t"], ["routed"]).splitlines()[-1] == \
+        "| Routed experts (top quarter, same budget) | t | 0.600 | 0.000 |"
+
+
 def test_quick_experiment_end_to_end(tmp_path):
     out = tmp_path / "experiment"
     proc = subprocess.run(
@@ -124,6 +139,7 @@ def test_quick_experiment_end_to_end(tmp_path):
     md = (out / "results.md").read_text()
     assert "| DR-LoRA |" in md and "| LoRA r_target (same budget) |" in md and "rank-routing correlation" in md
     assert "| Routed experts (top quarter, same budget) |" in md and "DR-LoRA growth on routed's experts" in md
+    assert "that reaches the experts they chose" in md
     figures = out / "figures"
     cell, gap = 14, 14
     for task in TASKS:
