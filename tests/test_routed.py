@@ -13,6 +13,7 @@ from mlx_lm import load as mlx_lm_load
 
 from drlora_mlx.config.settings import DRLoRAConfig, TrainingArgs
 from drlora_mlx.data.loading import bundled_data_dir, load_datasets
+from drlora_mlx.display.report import event_summary, routed_plan
 from drlora_mlx.errors import ConfigError
 from drlora_mlx.formats.adapters import read_ranks
 from drlora_mlx.formats.peft import export_peft
@@ -133,6 +134,26 @@ def test_the_event_gives_the_hand_counted_ranks_and_keeps_the_function(tiny_mode
     assert grow(drlora, schedule.warmup_steps + 1, schedule) is None  # and never change
 
 
+def test_the_share_threshold_on_a_model_spends_the_budget_on_unequal_counts(tiny_models):
+    frequency = np.array([[0.02, 0.30, 0.08, 0.10, 0.25, 0.05, 0.15, 0.05],   # 0.30 + 0.25 + 0.15 = 0.70: 3
+                          [0.75, 0.05, 0.05, 0.05, 0.02, 0.03, 0.03, 0.02],   # 0.75 alone: 1
+                          [0.35, 0.05, 0.05, 0.35, 0.05, 0.05, 0.05, 0.05]])  # 0.35 + 0.35: 2
+    _, _, drlora = attached(tiny_models, "qwen3_moe", method="routed", r_target=4, r_max=16, routed_share=0.7)
+    drlora.routing.frequency = mx.array(frequency, dtype=mx.float32)
+    schedule = drlora.schedule(40)
+    assert "whose routing shares reach 0.7" in routed_plan(drlora, schedule)
+    event = grow(drlora, schedule.warmup_steps, schedule)
+    # 32 ranks per projection: 11, 11, 10 over three (the two most routed take the remainder); 16 (the cap)
+    # for one, leaving 16 per projection; 16 and 16 for two.
+    want = np.zeros((3, 8), int)
+    want[0, [1, 4, 6]] = [11, 11, 10]
+    want[1, 0] = 16
+    want[2, [0, 3]] = 16
+    assert drlora.ranks().tolist() == np.tile(want, (1, 2)).tolist()
+    assert event.routed.unspent.tolist() == [0, 32, 0]
+    assert "left 32 budget ranks unspent (--r-max 32 spends them)" in event_summary(drlora, event)
+
+
 def test_an_adapter_file_start_is_refused(tiny_models, tmp_path):
     _, _, drlora = attached(tiny_models, "qwen3_moe", method="routed", r_target=4, r_max=16)
     with pytest.raises(AdapterFileError, match="--method routed starts with LoRA off"):
@@ -166,8 +187,9 @@ def test_a_routed_run_reports_its_choice_and_spends_the_budget(routed_run, capsy
             assert sum(layer[t]) == 8 * 4  # uniform LoRA's budget, per projection
             assert [e for e, r in enumerate(layer[t]) if r] == chosen and len(chosen) == 2
             assert {layer[t][e] for e in chosen} == {16}
-    code, text, _ = run_cli(["ranks", "--adapter-path", str(out)], capsys)
-    assert code == 0 and "chosen experts" in text
+    png = out.parent / "ranks.png"
+    code, text, _ = run_cli(["ranks", "--adapter-path", str(out), "--png", str(png)], capsys)
+    assert code == 0 and "chosen experts" in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for layer, chosen in zip(info["layers"], growth[0]["chosen"]):
         assert f"L{layer['layer']}: experts {','.join(map(str, chosen))}" in text
 
