@@ -344,11 +344,11 @@ def write_report(out: Path, results: dict, setting: Setting, tasks: list[str], a
         "",
         rank_table(results, tasks, arm_names, r_target),
         "",
-        *(["DR-LoRA against the routed arm's choice (seed against seed; routing weight: the share of the task's "
-           "held-out routing, after training, that the experts receive):", "",
+        *([("DR-LoRA against the routed arm's choice (seed against seed; routing weight: the share of the task's "
+            "held-out routing, after training, that the experts receive):"), "",
            budget_table(results, tasks, r_init, r_max), ""] if {"drlora", "routed"} <= set(arm_names) else []),
-        *(["The routed arms' own held-out routing after training: the share that reaches the experts they chose, "
-           "per MoE layer:", "", coverage_table(results, tasks, arm_names), ""]
+        *([("The routed arms' own held-out routing after training: the share that reaches the experts they chose, "
+            "per MoE layer:"), "", coverage_table(results, tasks, arm_names), ""]
           if any(a.startswith("routed") for a in arm_names) else []),
         "Rank growth of DR-LoRA, seed 0 (`figures/rank-growth.png`: per task in the order above, blue, red, green, the "
         "90th percentile of the module ranks dark and the largest light; the mean in black). Per task, optimizer "

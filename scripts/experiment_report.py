@@ -120,8 +120,8 @@ def budget_table(results: dict, tasks: list[str], r_init: int, r_max: int) -> st
     of DR-LoRA's grown ranks (above r_init, summed over projections) that sit on the experts the routed arm
     chose, how many of DR-LoRA's k highest-ranked experts per layer are among those k, the share of DR-LoRA's
     modules held at r_max (its cap binding), and the held-out routing weight each arm's top experts receive."""
-    lines = ["| task | DR-LoRA growth on routed's experts | top-k overlap | DR-LoRA modules at r_max | "
-             "routing weight on routed's experts | on DR-LoRA's top k |", "|---|---|---|---|---|---|"]
+    lines = [("| task | DR-LoRA growth on routed's experts | top-k overlap | DR-LoRA modules at r_max | "
+              "routing weight on routed's experts | on DR-LoRA's top k |"), "|---|---|---|---|---|---|"]
     for t in tasks:
         arms = results["tasks"][t]["arms"]
         pairs = list(zip(arms.get("drlora", []), arms.get("routed", [])))
