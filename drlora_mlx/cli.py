@@ -273,6 +273,10 @@ def ranks(adapter_path, as_json, png_path):
         click.echo(
             rank_heatmap(rows, targets, n_experts, info["r_init"], info["r_max"], [l["layer"] for l in info["layers"]])
         )
+        if "chosen" in info:
+            click.echo("chosen experts (routed): " + "; ".join(
+                f"L{layer['layer']}: experts {','.join(map(str, chosen))}"
+                for layer, chosen in zip(info["layers"], info["chosen"])))
     if png_path:
         import numpy as np
 

@@ -6,7 +6,9 @@
 2. It is fine-tuned through drlora-mlx's own ``attach`` + ``Trainer`` on three
    generated tasks it cannot do (digit sums, counting vowels, Python builtins),
    once per arm and seed: uniform LoRA at r_target (the same budget), uniform
-   LoRA at r_max, DR-LoRA r_init -> r_target, and the paper's ablations.
+   LoRA at r_max, DR-LoRA r_init -> r_target, routed-expert selection at the
+   same budget (``--method routed``: each layer's most routed quarter of the
+   experts, as ESFT and MoE-Sieve choose them), and the paper's ablations.
    Same steps, batches, learning rate and schedule for every arm.
 3. Held-out loss and exact-match accuracy of greedy generation, mean +- std
    over seeds, go to ``results.md``; final rank heatmaps and rank growth go to
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -41,6 +44,9 @@ import numpy as np  # noqa: E402
 from experiment_base import Pretraining, pretrained_base  # noqa: E402
 from experiment_data import TASKS, write_task  # noqa: E402
 from experiment_report import (  # noqa: E402
+    ARM_LABELS,
+    budget_table,
+    coverage_table,
     growth_figure,
     heatmap_figure,
     matrix_text,
@@ -114,21 +120,29 @@ class Arm:
     router_lr_scale: float | None = None
 
 
-# The main arms; --arms can add the router learning-rate ablation (router_lr_*).
-MAIN_ARMS = ("lora_r_target", "lora_r_max", "drlora", "frequency_only", "importance_only", "frozen_router",
+# The main arms; --arms can add the router learning-rate ablation (router_lr_*) and the routed arm's (routed_*).
+MAIN_ARMS = ("lora_r_target", "lora_r_max", "drlora", "routed", "frequency_only", "importance_only", "frozen_router",
              "global_allocation")
 
 
 def arms(r_init: int, r_target: int, r_max: int) -> dict[str, Arm]:
     """Every arm. All train the router after warm-up (the package's default, at
-    its default learning rate), except the frozen-router ablation and the
+    its default learning rate), except the frozen-router ablations and the
     router learning-rate ablation, so that uniform LoRA at r_target and
     DR-LoRA have the same trainable parameters."""
     drlora = DRLoRAConfig(r_init=r_init, r_target=r_target, r_max=r_max)
+    # The competitor at the same budget: r_max as large as its chosen experts' rank, so that all of it is spent.
+    routed = DRLoRAConfig(method="routed", r_target=r_target)
+    routed = replace(routed, r_max=math.ceil(r_target / routed.routed_fraction))
     return {
         "lora_r_target": Arm(DRLoRAConfig(method="lora", lora_rank=r_target)),
         "lora_r_max": Arm(DRLoRAConfig(method="lora", lora_rank=r_max)),
         "drlora": Arm(drlora),
+        "routed": Arm(routed),
+        # Why it wins or loses (--arms): the router frozen, as ESFT and MoE-Sieve leave it, so that routing cannot
+        # drift off the chosen experts; routing profiled over 10% of the steps instead of 3%.
+        "routed_frozen_router": Arm(replace(routed, train_router="never")),
+        "routed_long_profile": Arm(replace(routed, warmup_ratio=0.1)),
         "frequency_only": Arm(replace(drlora, saliency="frequency")),
         "importance_only": Arm(replace(drlora, saliency="importance")),
         "frozen_router": Arm(replace(drlora, train_router="never")),
@@ -242,7 +256,7 @@ def finetune(base: str, arm: Arm, data: dict, setting: Setting, seed: int, max_n
         "parameters": drlora.parameter_counts(),
         "seconds": time.perf_counter() - tic,
     }
-    if config.method == "drlora":
+    if config.method != "lora":
         record["rank_routing_correlation"] = rank_routing_correlation(record["ranks"], record["routing"])
     return record
 
@@ -279,17 +293,21 @@ def write_report(out: Path, results: dict, setting: Setting, tasks: list[str], a
     trajectories = {}
     heat = []
     for t in tasks:
-        runs = results["tasks"][t]["arms"].get("drlora", [])
-        if not runs:
-            continue
-        run = runs[0]
-        heatmap_figure(figures / f"ranks-{t}.png", run, results["targets"], r_init, r_max)
-        trajectories[t] = run["trajectory"]
-        heat.append(
-            f"**{t}** (seed {run['seed']}): final rank per module, then the task's routing weight per expert; "
-            f"`figures/ranks-{t}.png` shows {' | '.join(results['targets'])} | routing, layers top to bottom.\n\n"
-            "```\n" + matrix_text(run["ranks"]) + "\n\nrouting\n" + matrix_text(run["routing"]) + "\n```"
-        )
+        for arm, name in (("drlora", f"ranks-{t}.png"), ("routed", f"routed-{t}.png")):
+            runs = results["tasks"][t]["arms"].get(arm, [])
+            if not runs:
+                continue
+            run = runs[0]
+            heatmap_figure(figures / name, run, results["targets"], 0 if arm == "routed" else r_init,
+                           int(np.max(run["ranks"])) if arm == "routed" else r_max)
+            if arm == "drlora":
+                trajectories[t] = run["trajectory"]
+            heat.append(
+                f"**{t}, {ARM_LABELS[arm]}** (seed {run['seed']}): final rank per module, then the task's routing "
+                f"weight per expert; `figures/{name}` shows {' | '.join(results['targets'])} | routing, layers top "
+                "to bottom.\n\n```\n" + matrix_text(run["ranks"]) + "\n\nrouting\n" + matrix_text(run["routing"])
+                + "\n```"
+            )
     if trajectories:
         growth_figure(figures / "rank-growth.png", trajectories, setting.iters, 0, r_max)
     growth = []
@@ -321,11 +339,17 @@ def write_report(out: Path, results: dict, setting: Setting, tasks: list[str], a
         "",
         results_table(results, tasks, arm_names),
         "",
-        "Final ranks of the DR-LoRA arms, and the correlation (Spearman, per layer, averaged) between an expert's "
+        "Final ranks of the DR-LoRA and routed arms, and the correlation (Spearman, per layer, averaged) between an expert's "
         "rank and the routing weight the task gives it on held-out data:",
         "",
         rank_table(results, tasks, arm_names, r_target),
         "",
+        *([("DR-LoRA against the routed arm's choice (seed against seed; routing weight: the share of the task's "
+            "held-out routing, after training, that the experts receive):"), "",
+           budget_table(results, tasks, r_init, r_max), ""] if {"drlora", "routed"} <= set(arm_names) else []),
+        *([("The routed arms' own held-out routing after training: the share that reaches the experts they chose, "
+            "per MoE layer:"), "", coverage_table(results, tasks, arm_names), ""]
+          if any(a.startswith("routed") for a in arm_names) else []),
         "Rank growth of DR-LoRA, seed 0 (`figures/rank-growth.png`: per task in the order above, blue, red, green, the "
         "90th percentile of the module ranks dark and the largest light; the mean in black). Per task, optimizer "
         "step: mean/90th percentile/largest module rank, at nine points; every event is in `results.json`):",

@@ -12,6 +12,9 @@ ARM_LABELS = {
     "lora_r_target": "LoRA r_target (same budget)",
     "lora_r_max": "LoRA r_max (2x budget)",
     "drlora": "DR-LoRA",
+    "routed": "Routed experts (top quarter, same budget)",
+    "routed_frozen_router": "Routed experts, frozen router",
+    "routed_long_profile": "Routed experts, routing profiled over 10% of the steps",
     "frequency_only": "DR-LoRA, frequency-only saliency",
     "importance_only": "DR-LoRA, importance-only saliency",
     "frozen_router": "DR-LoRA, frozen router",
@@ -94,12 +97,12 @@ def results_table(results: dict, tasks: list[str], arms: list[str]) -> str:
 
 
 def rank_table(results: dict, tasks: list[str], arms: list[str], r_target: int) -> str:
-    """Per DR-LoRA arm and task: spread of the final module ranks and their correlation with task routing."""
+    """Per DR-LoRA or routed arm and task: spread of the final module ranks and their correlation with task routing."""
     lines = ["| arm | task | min rank | max rank | std of ranks | modules above r_target | rank-routing correlation |",
              "|---|---|---|---|---|---|---|"]
     for arm in arms:
         for t in tasks:
-            runs = [r for r in results["tasks"][t]["arms"].get(arm, []) if r["method"] == "drlora"]
+            runs = [r for r in results["tasks"][t]["arms"].get(arm, []) if r["method"] != "lora"]
             if not runs:
                 continue
             ranks = [np.asarray(r["ranks"]) for r in runs]
@@ -110,6 +113,63 @@ def rank_table(results: dict, tasks: list[str], arms: list[str], r_target: int) 
                 f"{mean_std([r['rank_routing_correlation'] for r in runs])} |"
             )
     return "\n".join(lines)
+
+
+def budget_table(results: dict, tasks: list[str], r_init: int, r_max: int) -> str:
+    """Where DR-LoRA's budget went against the routed arm's choice, per task, seed against seed: the share
+    of DR-LoRA's grown ranks (above r_init, summed over projections) that sit on the experts the routed arm
+    chose, how many of DR-LoRA's k highest-ranked experts per layer are among those k, the share of DR-LoRA's
+    modules held at r_max (its cap binding), and the held-out routing weight each arm's top experts receive."""
+    lines = [("| task | DR-LoRA growth on routed's experts | top-k overlap | DR-LoRA modules at r_max | "
+              "routing weight on routed's experts | on DR-LoRA's top k |"), "|---|---|---|---|---|---|"]
+    for t in tasks:
+        arms = results["tasks"][t]["arms"]
+        pairs = list(zip(arms.get("drlora", []), arms.get("routed", [])))
+        if not pairs:
+            continue
+        grown, overlap, capped, routed_weight, drlora_weight = [], [], [], [], []
+        for drlora, routed in pairs:
+            routing = np.asarray(drlora["routing"], dtype=np.float64)
+            n_experts = routing.shape[1]
+            chosen = expert_ranks(routed["ranks"], n_experts) > 0
+            k = int(chosen[0].sum())
+            growth = expert_ranks(np.asarray(drlora["ranks"]) - r_init, n_experts)
+            top = np.zeros_like(chosen)
+            for l, row in enumerate(expert_ranks(drlora["ranks"], n_experts)):
+                top[l, np.argsort(-row, kind="stable")[:k]] = True
+            grown.append((growth * chosen).sum() / growth.sum())
+            overlap.append((top & chosen).sum() / chosen.sum())
+            capped.append((np.asarray(drlora["ranks"]) == r_max).mean())
+            share = routing / routing.sum(axis=1, keepdims=True)
+            routed_weight.append((share * chosen).sum(axis=1).mean())
+            drlora_weight.append((share * top).sum(axis=1).mean())
+        lines.append(f"| {t} | {mean_std(grown)} | {mean_std(overlap)} | {mean_std(capped)} | "
+                     f"{mean_std(routed_weight)} | {mean_std(drlora_weight)} |")
+    return "\n".join(lines)
+
+
+def coverage_table(results: dict, tasks: list[str], arms: list[str]) -> str:
+    """Per routed arm and task, per MoE layer: the share of the run's own held-out routing (after training)
+    that reaches the experts it chose, i.e. that passes through an adapted expert."""
+    rows = []
+    for arm in arms:
+        for t in tasks:
+            runs = [r for r in results["tasks"][t]["arms"].get(arm, []) if r["method"] == "routed"]
+            if not runs:
+                continue
+            shares = []
+            for run in runs:
+                routing = np.asarray(run["routing"], dtype=np.float64)
+                chosen = expert_ranks(run["ranks"], routing.shape[1]) > 0
+                shares.append((routing * chosen).sum(axis=1) / routing.sum(axis=1))
+            per_layer = np.asarray(shares)
+            rows.append(f"| {ARM_LABELS.get(arm, arm)} | {t} | "
+                        + " | ".join(mean_std(per_layer[:, l]) for l in range(per_layer.shape[1])) + " |")
+    if not rows:
+        return ""
+    n_layers = rows[0].count("|") - 3
+    return "\n".join([f"| arm | task | {' | '.join(f'layer {l}' for l in range(n_layers))} |",
+                      "|" + "---|" * (n_layers + 2), *rows])
 
 
 def specialisation_table(record: dict) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from drlora_mlx.formats.adapters import load as drlora_load
+from drlora_mlx.formats.adapters import read_ranks
 from drlora_mlx.training import checkpoint
 
 from .helpers import SHAPE
@@ -173,4 +174,21 @@ def test_without_accumulation_two_processes_follow_one(tiny_models, tmp_path):
     masks = [{k: v for k, v in _state(tmp_path / run).items() if k.endswith("rank_mask")} for run in ("one", "two")]
     assert masks[0].keys() == masks[1].keys() and all(np.array_equal(masks[0][k], masks[1][k]) for k in masks[0])
     assert np.concatenate([m.sum(-1) for m in masks[0].values()]).max() > 4  # growth happened
+    _assert_same_function(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_routed_run_chooses_the_same_experts_in_two_processes(tiny_models, tmp_path):
+    """--method routed profiles routing over the global batch: two processes choose the experts one does."""
+    model = str(tiny_models("qwen3_moe", shape=SHAPE))
+    train = [*TRAIN, "--method", "routed", "--r-max", "16", "--warmup-ratio", "0.25"]
+    train[train.index("--iters") + 1] = "16"
+    single = _run([sys.executable, *train, "--model", model, "--adapter-path", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = _run([*LAUNCH, *train, "--model", model, "--adapter-path", str(tmp_path / "two")])
+    assert double.returncode == 0, (double.stdout[-2000:], double.stderr[-2000:])
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 16 and np.allclose(one, two, rtol=1e-4, atol=1e-5)
+    ranks = [read_ranks(tmp_path / run) for run in ("one", "two")]
+    assert ranks[0]["layers"] == ranks[1]["layers"] and ranks[0]["chosen"] == ranks[1]["chosen"]
+    assert all(len(chosen) == 2 for chosen in ranks[0]["chosen"])  # a quarter of 8 experts
     _assert_same_function(tmp_path / "one", tmp_path / "two")

@@ -14,9 +14,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from experiment_report import expert_ranks, rank_routing_correlation, spearman  # noqa: E402
+from experiment_report import (  # noqa: E402
+    budget_table,
+    coverage_table,
+    expert_ranks,
+    rank_routing_correlation,
+    spearman,
+)
 
-ARMS = ["lora_r_target", "lora_r_max", "drlora", "frequency_only", "importance_only", "frozen_router",
+ARMS = ["lora_r_target", "lora_r_max", "drlora", "routed", "frequency_only", "importance_only", "frozen_router",
         "global_allocation"]
 TASKS = ["arithmetic", "strings", "code"]
 # The stated threshold: in every task, an expert's final DR-LoRA rank and the
@@ -59,6 +65,28 @@ def test_rank_routing_correlation_sums_projections_per_expert():
     assert rank_routing_correlation(ranks, [[0.3, 0.6, 0.1]]) == pytest.approx(0.5)
 
 
+def test_budget_table_against_a_hand_count():
+    # 1 layer, 4 experts, 1 projection, r_init 1, r_max 4. Routed chose experts 0 and 2.
+    # DR-LoRA ranks 4, 1, 2, 1: growth 3, 0, 1, 0 -> 4 of 4 on the chosen; its top 2 are 0 and 2.
+    drlora = {"ranks": [[4, 1, 2, 1]], "routing": [[0.5, 0.1, 0.3, 0.1]]}
+    routed = {"ranks": [[8, 0, 8, 0]]}
+    results = {"tasks": {"t": {"arms": {"drlora": [drlora], "routed": [routed]}}}}
+    assert budget_table(results, ["t"], r_init=1, r_max=4).splitlines()[-1] == \
+        "| t | 1.000 | 1.000 | 0.250 | 0.800 | 0.800 |"
+    drlora["ranks"] = [[1, 4, 1, 2]]  # growth 0, 3, 0, 1 -> none on the chosen; its top 2 are 1 and 3
+    assert budget_table(results, ["t"], r_init=1, r_max=4).splitlines()[-1] == \
+        "| t | 0.000 | 0.000 | 0.250 | 0.800 | 0.200 |"
+
+
+def test_coverage_table_against_a_hand_count():
+    # 2 layers, 4 experts, 1 projection: chosen 0 (layer 0) and 3 (layer 1).
+    run = {"method": "routed", "ranks": [[16, 0, 0, 0], [0, 0, 0, 16]], "routing": [[0.6, 0.2, 0.2, 0.0],
+                                                                                  [0.5, 0.5, 0.0, 0.0]]}
+    results = {"tasks": {"t": {"arms": {"routed": [run]}}}}
+    assert coverage_table(results, ["t"], ["routed"]).splitlines()[-1] == \
+        "| Routed experts (top quarter, same budget) | t | 0.600 | 0.000 |"
+
+
 def test_quick_experiment_end_to_end(tmp_path):
     out = tmp_path / "experiment"
     proc = subprocess.run(
@@ -93,9 +121,15 @@ def test_quick_experiment_end_to_end(tmp_path):
                     continue
                 # Same budget as uniform LoRA at r_target, spent unevenly.
                 assert ranks.mean() == pytest.approx(r_target)
-                assert ranks.min() < r_target < ranks.max() <= r_max
-                assert ranks.std() > 1.0
-                assert run["trajectory"][0]["mean"] == r_init
+                if arm == "routed":  # a quarter of each layer's experts, at four times r_target, the rest at 0
+                    assert run["method"] == "routed" and set(np.unique(ranks)) == {0, 4 * r_target}
+                    chosen = expert_ranks(ranks, n_experts).astype(bool).sum(axis=1)
+                    assert chosen.tolist() == [n_experts // 4] * n_layers
+                    assert run["trajectory"][0]["mean"] == 0
+                else:
+                    assert ranks.min() < r_target < ranks.max() <= r_max
+                    assert ranks.std() > 1.0
+                    assert run["trajectory"][0]["mean"] == r_init
                 assert run["trajectory"][-1]["mean"] == pytest.approx(r_target)
                 routing = np.asarray(run["routing"])
                 assert routing.shape == (n_layers, n_experts)
@@ -104,8 +138,11 @@ def test_quick_experiment_end_to_end(tmp_path):
 
     md = (out / "results.md").read_text()
     assert "| DR-LoRA |" in md and "| LoRA r_target (same budget) |" in md and "rank-routing correlation" in md
+    assert "| Routed experts (top quarter, same budget) |" in md and "DR-LoRA growth on routed's experts" in md
+    assert "that reaches the experts they chose" in md
     figures = out / "figures"
     cell, gap = 14, 14
     for task in TASKS:
-        assert png_size(figures / f"ranks-{task}.png") == (3 * n_experts * cell + 4 * gap, n_layers * cell + 2 * gap)
+        for name in (f"ranks-{task}.png", f"routed-{task}.png"):
+            assert png_size(figures / name) == (3 * n_experts * cell + 4 * gap, n_layers * cell + 2 * gap)
     assert png_size(figures / "rank-growth.png") == (480, 240)

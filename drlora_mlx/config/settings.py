@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from ..errors import ConfigError
 from ..families.mlx_lm_names import EXPERT_CONTAINERS, EXPERT_PROJECTIONS, PROJECTION_OF
+from ..method.routed import RoutedSchedule
 from ..method.saliency import SALIENCY_MODES
 from ..method.schedule import GrowthSchedule, auto_grow_every, auto_growth_buffer
 from .optimizer_choices import (
@@ -34,7 +35,7 @@ from .optimizer_choices import (
     check_schedule_block,
 )
 
-METHODS = ("drlora", "lora")
+METHODS = ("drlora", "lora", "routed")
 TRAIN_ROUTER = ("after-warmup", "never", "always")
 ROUTING_SIGNALS = ("weight", "count")
 ALLOCATIONS = ("per-layer", "global")
@@ -98,7 +99,8 @@ class Ranks(NamedTuple):
 class DRLoRAConfig:
     """Everything that defines the adapter and its growth, nothing about data or optimisation."""
 
-    method: str = _setting("drlora", "drlora (growing ranks) or lora (uniform rank)", choices=METHODS)
+    method: str = _setting("drlora", "drlora (growing ranks), lora (uniform rank) or routed (the budget on each "
+                                     "layer's most routed experts, chosen once after warm-up)", choices=METHODS)
     r_init: int = _setting(8, "Active rank of every expert module at the start.")
     r_max: int = _setting(32, "Largest rank a module can grow to (allocated width).")
     r_target: int = _setting(16, "Mean rank per layer at the end: the parameter budget.")
@@ -135,6 +137,11 @@ class DRLoRAConfig:
                                              "per-layer allocation: a per-layer pool of r_target ranks per module, "
                                              "the memory of uniform LoRA at r_target) or masked (every expert at "
                                              "r_max; the default otherwise).", choices=LORA_LAYOUTS)
+    routed_fraction: float = _setting(0.25, "--method routed: share of each layer's experts that get LoRA, the most "
+                                            "routed first (MoE-Sieve's top quarter).")
+    routed_share: float = _setting(0.0, "--method routed: instead of --routed-fraction, the fewest most routed "
+                                        "experts whose routing shares add up to this (ESFT's threshold; 0: off).",
+                                   at_least=0)
     active_width: bool = _setting(True, "Compute the expert LoRA at the smallest r_init * 2^k covering the largest "
                                         "active rank (few compiled shapes) instead of always at r_max.")
 
@@ -151,6 +158,13 @@ class DRLoRAConfig:
                 f"ranks must satisfy 1 <= r_init < r_target <= r_max; got r_init={self.r_init}, "
                 f"r_target={self.r_target}, r_max={self.r_max} (for one fixed rank use --method lora)"
             )
+        if self.method == "routed" and not 1 <= self.r_target <= self.r_max:
+            raise ConfigError(f"ranks must satisfy 1 <= r_target <= r_max for --method routed; got "
+                              f"r_target={self.r_target}, r_max={self.r_max}")
+        if not 0 < self.routed_fraction <= 1:
+            raise ConfigError(f"routed_fraction must be in (0, 1]; got {self.routed_fraction}")
+        if self.routed_share > 1:
+            raise ConfigError(f"routed_share must be in (0, 1], or 0 to use routed_fraction; got {self.routed_share}")
         if not self.targets:
             raise ConfigError("targets must name at least one expert projection: gate_proj, up_proj, down_proj")
         for t in self.targets:
@@ -172,25 +186,30 @@ class DRLoRAConfig:
 
     @property
     def _pooled_fits(self) -> bool:
-        return self.method == "drlora" and self.allocation == "per-layer"
+        return self.method == "routed" or (self.method == "drlora" and self.allocation == "per-layer")
 
     @property
     def resolved_lora_layout(self) -> str:
         """The expert LoRA layout a run uses: ``lora_layout``, or by default pooled where a
-        per-layer budget exists (DR-LoRA, per-layer allocation), else masked."""
+        per-layer budget exists (DR-LoRA with per-layer allocation, the routed method), else masked."""
         return self.lora_layout or ("pooled" if self._pooled_fits else "masked")
 
     @property
     def ranks(self) -> Ranks:
-        """The ranks as trained: all three equal to lora_rank for uniform LoRA."""
+        """The ranks as trained: all three equal to lora_rank for uniform LoRA;
+        for the routed method r_init is 0 (LoRA is off while routing is profiled)."""
         if self.method == "lora":
             return Ranks(self.lora_rank, self.lora_rank, self.lora_rank)
+        if self.method == "routed":
+            return Ranks(0, self.r_target, self.r_max)
         return Ranks(self.r_init, self.r_target, self.r_max)
 
     def schedule(self, total_steps: int, n_modules: int) -> GrowthSchedule:
-        """The growth schedule of a run of ``total_steps`` optimizer steps."""
+        """The growth schedule of a run of ``total_steps`` optimizer steps (the
+        routed method's: its one event at t_warmup)."""
         r = self.ranks
-        return GrowthSchedule(
+        kind = RoutedSchedule if self.method == "routed" else GrowthSchedule
+        return kind(
             total_steps=total_steps,
             n_modules=n_modules,
             r_init=r.r_init,

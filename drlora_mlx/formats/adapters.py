@@ -166,15 +166,20 @@ def read_state(adapter_path: str | os.PathLike, router_paths=()) -> codec.Adapte
 
 
 def read_ranks(adapter_path: str | os.PathLike) -> dict:
-    """The active rank of every expert module of a saved adapter."""
+    """The active rank of every expert module of a saved adapter (and, for a
+    routed run, the experts each layer chose)."""
     meta = read_adapter_config(adapter_path)
     config = DRLoRAConfig.from_dict(meta["method"])
     ranks = read_state(adapter_path).expert_ranks
     layers = [{"layer": entry["layer"], **{t: list(ranks[p]) for t, p in entry["modules"].items()}}
               for entry in meta["layers"]]
     r = config.ranks
-    return {"r_init": r.r_init, "r_max": r.r_max, "r_target": r.r_target, "targets": list(config.targets),
-            "layers": layers}
+    info = {"method": config.method, "r_init": r.r_init, "r_max": r.r_max, "r_target": r.r_target,
+            "targets": list(config.targets), "layers": layers}
+    if config.method == "routed":  # the experts it chose: those holding ranks in any projection
+        info["chosen"] = [sorted({e for t in config.targets for e, rank in enumerate(layer[t]) if rank})
+                          for layer in layers]
+    return info
 
 
 def load_into(model: nn.Module, adapter_path: str | os.PathLike) -> DRLoRA:

@@ -32,7 +32,9 @@ def describe(drlora) -> str:
     r_init, r_target, r_max = config.ranks
     counts = parameter_counts(drlora)
     n_mod = drlora.n_layers * drlora.n_modules
-    ranks = f"rank {r_init}" if config.method == "lora" else f"ranks {r_init} -> {r_target} on average (max {r_max})"
+    ranks = {"lora": f"rank {r_init}",
+             "routed": f"ranks 0 -> {r_target} on average, on the most routed experts only (max {r_max})"}.get(
+        config.method, f"ranks {r_init} -> {r_target} on average (max {r_max})")
     lines = [
         f"{config.method} on {drlora.family_name}: {drlora.n_layers} MoE layers x {drlora.n_experts} experts x "
         f"{len(drlora.targets)} projections ({', '.join(drlora.targets)}) = {n_mod} expert modules, {ranks}",

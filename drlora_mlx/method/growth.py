@@ -1,9 +1,11 @@
-"""Growth events on an attached model (docs/METHOD.md, section 6: Algorithm 1).
+"""Growth events on an attached model (docs/METHOD.md, section 6: Algorithm 1; section 13).
 
 Between optimizer steps: read the statistics as numpy (layers x modules),
 score every module by its saliency, let the allocator (``schedule.allocate_event``) hand
 out the event's ranks, activate them and reset the importance EMAs of the
-modules that grew. Mask values change, shapes never do.
+modules that grew. Mask values change, shapes never do. The routed method's
+one event gives the ranks to the experts its routing frequency selects
+(``routed``) instead.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .routed import RoutedRanks, routed_ranks, select_experts
 from .saliency import module_importance, saliency
 from .schedule import GrowthSchedule, allocate_event
 
@@ -23,6 +26,7 @@ class GrowthEvent:
     step: int
     grown: np.ndarray  # (layers, modules) ranks added
     by_frequency: tuple[int, ...] = ()  # layers ranked by routing frequency alone (their importance was all zero)
+    routed: RoutedRanks | None = None  # the routed method's choice: its ranks and what the r_max cap left unspent
 
     @property
     def total(self) -> int:
@@ -67,15 +71,29 @@ def reset_importance(drlora, modules: np.ndarray) -> None:
             module.reset_importance(modules[l, p * E : (p + 1) * E])
 
 
+def routed_selection(drlora):
+    """The routed method's ranks (``routed.RoutedRanks``) from the routing frequency recorded so far."""
+    config = drlora.config
+    frequency = np.asarray(drlora.routing.frequency)
+    chosen = select_experts(frequency, config.routed_fraction, config.routed_share)
+    return routed_ranks(chosen, frequency, len(drlora.targets), config.r_target, config.r_max)
+
+
 def grow(drlora, step: int, schedule: GrowthSchedule) -> GrowthEvent | None:
     """Run the growth event of ``step``, if there is one."""
     if not schedule.is_event(step):
         return None
     ranks = drlora.ranks()
-    scores, by_frequency = module_saliency(drlora)
-    new = allocate_event(ranks, scores, schedule, step, drlora.config.allocation)
+    by_frequency, routed, new = (), None, ranks
+    if drlora.config.method == "routed":
+        if not ranks.any():  # ranks already held came from a warm start (a routed run's export): they stay
+            routed = routed_selection(drlora)
+            new = routed.ranks
+    else:
+        scores, by_frequency = module_saliency(drlora)
+        new = allocate_event(ranks, scores, schedule, step, drlora.config.allocation)
     grown = new - ranks
     if grown.any():
         drlora.set_ranks(new)
         reset_importance(drlora, grown > 0)
-    return GrowthEvent(step=step, grown=grown, by_frequency=by_frequency)
+    return GrowthEvent(step=step, grown=grown, by_frequency=by_frequency, routed=routed)

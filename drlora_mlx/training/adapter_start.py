@@ -46,6 +46,10 @@ def _fill(current: mx.array, loaded: mx.array, rank_axis: int) -> mx.array:
 def start_from_adapter_file(drlora, path: str | Path) -> list[str]:
     """Load the mlx-lm adapter file ``path`` into the freshly attached ``drlora``; returns notes to print."""
     path = Path(path)
+    if drlora.config.method == "routed":
+        raise AdapterFileError(f"resume_adapter_file {path}: --method routed starts with LoRA off until routing "
+                               "chooses its experts, so it cannot start from an adapter's weights; use --method "
+                               "drlora or lora")
     if path.is_dir():
         path = path / "adapters.safetensors"
     if not path.exists():

@@ -24,7 +24,7 @@ from ..data.loading import (
     load_datasets,
 )
 from ..display.progress import MetricsLog, Progress
-from ..display.report import run_summary
+from ..display.report import routed_plan, run_summary
 from ..errors import InputError, RunStopped
 from ..files import StorageError
 from ..formats.adapters import save_adapter
@@ -156,6 +156,8 @@ class _Run:
         self.trainer = Trainer(self.model, drlora, args, progress=Progress(args.iters, enabled=self.rank == 0),
                                metrics=MetricsLog(self.adapter_path / "metrics.jsonl", enabled=self.rank == 0),
                                world=self.world, reporter=self.reporter, schedule=schedule)
+        if self.config.method == "routed":
+            self.say(routed_plan(drlora, schedule))
         if self.config.method == "drlora":
             self.say(
                 f"growth: {schedule.event_count} events every {schedule.grow_every} optimizer steps from step "

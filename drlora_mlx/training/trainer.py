@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..config.settings import TrainingArgs
 from ..data.batches import Batches
 from ..display.progress import MetricsLog, Progress
-from ..display.report import event_summary
+from ..display.report import chosen_experts, event_summary
 from ..errors import RunStopped
 from ..lora import codec
 from ..lora.handle import DRLoRA
@@ -430,8 +430,12 @@ class Trainer:
     def _log_growth(self, event, it: int, result: TrainResult) -> None:
         result.events.append(event)
         self.progress.log("grow " + event_summary(self.drlora, event)[:160])
-        self.metrics.write({"kind": "growth", "step": it, "optimizer_step": event.step, "grown": event.total,
-                            "mean_rank": self.mean_rank})
+        record = {"kind": "growth", "step": it, "optimizer_step": event.step, "grown": event.total,
+                  "mean_rank": self.mean_rank}
+        if event.routed is not None:
+            record.update(chosen=chosen_experts(event.routed.ranks, self.drlora.n_experts),
+                          unspent=[int(u) for u in event.routed.unspent])
+        self.metrics.write(record)
 
     def _report(self, window: ReportWindow, it: int, lr: float, peak: float, result: TrainResult) -> None:
         tokens_per_second = window.tokens / max(window.seconds, 1e-9)  # tokens already counted over every process
