@@ -56,23 +56,22 @@ GATHERED_BYTES = 2 * 4  # a gathered float32 factor value and its gradient
 SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2,
                      "U16": 2}
-# What a training step holds besides the weights and the LoRA state, measured (``scripts/memory_fit.py``
-# fits these to the peaks of real steps on tiny and real-width models; ``tests/test_memory.py`` checks
-# the estimate against measured peaks of shapes outside the fit). Values per token in the activations'
-# dtype, per decoder layer, by what they scale with: the hidden size H, the attention's query width,
-# the routed experts' inputs (top-k x H) and intermediates (top-k x I), the attention scores (heads x T).
-LAYER_VALUES = {"hidden": 0.0, "query": 4.0, "expert_inputs": 3.73, "expert_intermediates": 5.43,
-                "attention_scores": 0.83}
-# The first decoder layer keeps this share of a layer's activations: nothing before it trains, so its
-# attention needs no gradient for its input.
-FIRST_LAYER_SHARE = 0.2
-# With gradient checkpointing every layer still keeps this share of its activations (measured on 2-32
-# layer models: MLX does not free all of a recomputed layer's forward), and this many layers' worth is
-# alive while layers are recomputed and differentiated.
+# What a training step holds besides the weights and the LoRA state, from measured peaks of real steps
+# (BENCHMARKS.md, "Where the memory estimate's counts come from"; ``scripts/memory_check.py`` measures
+# them again, ``tests/test_memory.py`` checks the estimate against measured peaks). Values per token in
+# the activations' dtype, per decoder layer, by what they scale with: the attention's query width
+# (heads x head size), the routed experts' inputs (top-k x H) and intermediates (top-k x I), the
+# attention scores (heads x T).
+LAYER_VALUES = {"query": 4.0, "expert_inputs": 3.73, "expert_intermediates": 5.43, "attention_scores": 1.0}
+# With gradient checkpointing every layer still keeps this share of its activations (MLX does not free
+# all of a recomputed layer's forward), and this many layers' worth is alive while layers are recomputed
+# and differentiated (measured on 4-32 layer models).
 CHECKPOINTED_SHARE = 0.10
 RECOMPUTED_LAYERS = 2.8
-PLAIN_LOGITS = 4.0  # per token, x vocabulary: the logits, their softmax and gradients
-CHUNKED_LOGITS = 12.0  # chunk-sized (tokens x vocabulary) float32 arrays in flight in the chunked loss
+PLAIN_LOGITS = 4.0  # per token, x vocabulary: the logits, their softmax and gradients (measured: 4.0)
+# Chunk-sized (chunk x vocabulary) float32 arrays the chunked loss holds: 12 measured for the loss
+# alone, 3 to 12 inside a training step (where it overlaps less with the rest); the larger is counted.
+CHUNKED_LOGITS = 12.0
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k_experts", "moe_topk", "num_experts_per_token", "moe_top_k")
 
 
@@ -239,7 +238,7 @@ def router_state_bytes(shape: ModelShape, config: DRLoRAConfig) -> int:
 def layer_values(shape: ModelShape, seq_len: int) -> float:
     """Values per token that one decoder layer keeps for its backward pass (``LAYER_VALUES``)."""
     c = LAYER_VALUES
-    return (c["hidden"] * shape.hidden + c["query"] * shape.query_width + c["expert_inputs"] * shape.top_k * shape.hidden
+    return (c["query"] * shape.query_width + c["expert_inputs"] * shape.top_k * shape.hidden
             + c["expert_intermediates"] * shape.top_k * shape.expert_dim + c["attention_scores"] * shape.heads * seq_len)
 
 
@@ -255,11 +254,10 @@ def logits_bytes(shape: ModelShape, tokens: int, chunk_tokens: int) -> int:
 def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, grad_checkpoint: bool,
                      chunk_tokens: int = 0) -> int:
     """Activations kept for the backward pass and what the loss holds (``chunk_tokens`` 0: the plain
-    loss). Without gradient checkpointing every layer keeps its activations (the first a share of
-    them); with it, a share of them (``CHECKPOINTED_SHARE``) and a few layers' worth while they are
+    loss). Without gradient checkpointing every layer keeps its activations; with it, a share of them (``CHECKPOINTED_SHARE``) and a few layers' worth while they are
     recomputed."""
     tokens = batch_size * seq_len
-    layers = shape.layers - 1 + FIRST_LAYER_SHARE
+    layers = shape.layers
     if grad_checkpoint:
         layers = min(layers, CHECKPOINTED_SHARE * shape.layers + RECOMPUTED_LAYERS)
     values = layers * layer_values(shape, seq_len)
