@@ -31,7 +31,8 @@ MACS = (32, 48, 64, 128)
 Q4 = {"group_size": 64, "bits": 4}
 # (config file, 4-bit or not, batch x sequence lengths)
 RUNS = (
-    ("OLMoE-1B-7B-0924", False, ((4, 2048), (8, 2048))),
+    ("OLMoE-1B-7B-0924", True, ((1, 2048), (4, 2048))),
+    ("OLMoE-1B-7B-0924", False, ((4, 2048),)),
     ("gpt-oss-20b", False, ((1, 2048), (4, 2048))),  # its experts in MXFP4, as released
     ("Qwen3-30B-A3B", True, ((1, 2048), (4, 2048), (8, 2048))),
     ("Mixtral-8x7B-v0.1", True, ((1, 2048), (4, 2048))),
