@@ -62,8 +62,9 @@ def main() -> None:
     for name, quantized, shapes in RUNS:
         for batch, seq in shapes:
             p = plan(name, quantized, batch, seq)
-            rows.append({"model": name, "weights": "4-bit" if quantized else p["quantization"] and "MXFP4 experts"
-                         or p["dtype"], "batch": batch, "seq": seq, "weights_gb": p["base_weight_bytes"] / 1e9,
+            weights = "4-bit" if quantized else "MXFP4 experts" if p["quantization"] else p["dtype"]
+            rows.append({"model": name, "weights": weights, "batch": batch, "seq": seq,
+                         "weights_gb": p["base_weight_bytes"] / 1e9,
                          "peak_gb": p["peak_bytes"] / 1e9, "plain_loss_peak_gb": p["plain_loss_peak_bytes"] / 1e9,
                          "mac": smallest_mac(p["peak_bytes"], args.gpu_share),
                          "plain_loss_mac": smallest_mac(p["plain_loss_peak_bytes"], args.gpu_share)})

@@ -42,8 +42,15 @@ def loss_mask(lengths: mx.array, width: int) -> mx.array:
 
 
 def chunk_tokens(vocab: int, size: int | None) -> int:
-    """Tokens per chunk: ``size``, or by default as many as LOGITS_PER_CHUNK logits make (at least 16)."""
-    return size if size else max(16, LOGITS_PER_CHUNK // vocab)
+    """Tokens per chunk: ``size`` (0: no chunks, the plain loss), or by default as many as
+    LOGITS_PER_CHUNK logits make (at least 16)."""
+    return max(16, LOGITS_PER_CHUNK // vocab) if size is None else size
+
+
+def in_chunks(rows: int, tokens: int) -> bool:
+    """Whether a batch of ``rows`` target tokens takes the chunked loss at ``tokens`` a chunk (0:
+    never): only with more than ``CHUNKS_THAT_PAY`` chunks."""
+    return tokens > 0 and rows > CHUNKS_THAT_PAY * tokens
 
 
 def chunked_cross_entropy(head: Head, tokens: int):
@@ -100,19 +107,19 @@ def make_loss(drlora: DRLoRA, record: bool = True, chunk_size: int | None = None
     optimizer step, however it is split; when the batch is the whole step,
     ``scale`` = 1 / its token count gives that mean directly.
     """
-    head = drlora.head if chunk_size != 0 else None
+    head = drlora.head
     tokens = chunk_tokens(head.vocab, chunk_size) if head is not None else 0
-    chunked = chunked_cross_entropy(head, tokens) if head is not None else None
+    chunked = chunked_cross_entropy(head, tokens) if tokens else None
 
     def loss(model, batch, lengths, scale=1.0):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         mask = loss_mask(lengths, targets.shape[1])
         rows = targets.size
-        in_chunks = chunked is not None and rows > CHUNKS_THAT_PAY * tokens  # (shapes are known when traced)
+        chunks = in_chunks(rows, tokens)  # (shapes are known when traced)
         with drlora.recorder.capture(mask) if record else nullcontext():
-            out = head.hidden(inputs) if in_chunks else model(inputs)
+            out = head.hidden(inputs) if chunks else model(inputs)
             routing = drlora.recorder.sums() if record else mx.zeros((drlora.n_layers, drlora.n_experts))
-        if in_chunks:
+        if chunks:
             ce = chunked(out.reshape(1, rows, -1), targets.reshape(1, rows), mask.reshape(1, rows).astype(mx.float32))
         else:
             ce = (nn.losses.cross_entropy(out, targets) * mask).astype(mx.float32).sum()

@@ -42,7 +42,7 @@ from ..config.settings import DRLoRAConfig, Ranks
 from ..formats.base_model import ModelError
 from ..lora.masked import ExpertLoRA
 from ..lora.pooled import RankPool
-from .loss import CHUNKS_THAT_PAY, chunk_tokens
+from .loss import chunk_tokens, in_chunks
 
 # A run "fits" when its estimate stays under this share of what the machine can
 # give: the rest is the system, other processes and MLX's buffer cache.
@@ -51,11 +51,8 @@ LAYOUTS = ("pooled", "masked")
 STATE_BYTES = 16  # a trainable float32 value: itself, its gradient, two AdamW moments
 TABLE_BYTES = 4  # a float32 or int32 entry that does not train (mask, slot table, EMA)
 GATHERED_BYTES = 2 * 4  # a gathered float32 factor value and its gradient
-# config.json keys for the experts each token is routed to, by family.
-# safetensors dtype names: the floating ones MLX holds, and the bytes of every name a Hub header may count.
+# safetensors names of the floating dtypes MLX holds.
 SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2,
-                     "U16": 2}
 # What a training step holds besides the weights and the LoRA state, from measured peaks of real steps
 # (BENCHMARKS.md, "Where the memory estimate's counts come from"; ``scripts/memory_check.py`` measures
 # them again, ``tests/test_memory.py`` checks the estimate against measured peaks). Values per token in
@@ -72,6 +69,7 @@ PLAIN_LOGITS = 4.0  # per token, x vocabulary: the logits, their softmax and gra
 # Chunk-sized (chunk x vocabulary) float32 arrays the chunked loss holds: 12 measured for the loss
 # alone, 3 to 12 inside a training step (where it overlaps less with the rest); the larger is counted.
 CHUNKED_LOGITS = 12.0
+# config.json keys for the experts each token is routed to, by family.
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k_experts", "moe_topk", "num_experts_per_token", "moe_top_k")
 
 
@@ -239,14 +237,15 @@ def layer_values(shape: ModelShape, seq_len: int) -> float:
     """Values per token that one decoder layer keeps for its backward pass (``LAYER_VALUES``)."""
     c = LAYER_VALUES
     return (c["query"] * shape.query_width + c["expert_inputs"] * shape.top_k * shape.hidden
-            + c["expert_intermediates"] * shape.top_k * shape.expert_dim + c["attention_scores"] * shape.heads * seq_len)
+            + c["expert_intermediates"] * shape.top_k * shape.expert_dim
+            + c["attention_scores"] * shape.heads * seq_len)
 
 
 def logits_bytes(shape: ModelShape, tokens: int, chunk_tokens: int) -> int:
     """What the loss holds: every token's logits and their gradient (the plain loss, mlx-lm's), or a
     constant number of chunks' worth (the chunked loss, float32) when the batch has more than
     ``CHUNKS_THAT_PAY`` chunks."""
-    if chunk_tokens and tokens > CHUNKS_THAT_PAY * chunk_tokens:
+    if in_chunks(tokens, chunk_tokens):
         return int(CHUNKED_LOGITS * chunk_tokens * shape.vocab * 4)
     return int(PLAIN_LOGITS * tokens * shape.vocab * shape.dtype.size)
 
@@ -254,8 +253,8 @@ def logits_bytes(shape: ModelShape, tokens: int, chunk_tokens: int) -> int:
 def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, grad_checkpoint: bool,
                      chunk_tokens: int = 0) -> int:
     """Activations kept for the backward pass and what the loss holds (``chunk_tokens`` 0: the plain
-    loss). Without gradient checkpointing every layer keeps its activations; with it, a share of them (``CHECKPOINTED_SHARE``) and a few layers' worth while they are
-    recomputed."""
+    loss). Without gradient checkpointing every layer keeps its activations; with it, a share of
+    them (``CHECKPOINTED_SHARE``) and a few layers' worth while they are recomputed."""
     tokens = batch_size * seq_len
     layers = shape.layers
     if grad_checkpoint:
@@ -303,7 +302,7 @@ def estimate_peak_bytes(model, drlora, batch_size: int, seq_len: int, grad_check
     args = getattr(model, "args", None)
     shape = model_shape(model, drlora.targets, vars(args) if args is not None else {})
     fixed = sum(lora.lora_a.size + lora.lora_b.size for _, lora in drlora.extra_loras)
-    chunk = chunk_tokens(shape.vocab, loss_chunk_size) if drlora.head is not None and loss_chunk_size != 0 else 0
+    chunk = chunk_tokens(shape.vocab, loss_chunk_size) if drlora.head is not None else 0
     return peak_estimate(shape, drlora.config, drlora.config.resolved_lora_layout, batch_size, seq_len, grad_checkpoint,
                          fixed_rank_lora=fixed, chunk_tokens=chunk)
 
@@ -412,7 +411,8 @@ def _header_bytes(file: Path) -> dict[str, int]:
 
 
 def _hub_header_bytes(model: str) -> dict[str, int]:
-    """Bytes per dtype of a Hub model's safetensors, from their headers (two small requests); {} offline."""
+    """Bytes per floating dtype of a Hub model's safetensors, from their headers (two small requests);
+    {} offline."""
     from huggingface_hub import HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
@@ -421,7 +421,7 @@ def _hub_header_bytes(model: str) -> dict[str, int]:
         counts = HfApi().get_safetensors_metadata(model).parameter_count
     except Exception:  # not a safetensors repository, or the Hub cannot be reached: the config decides
         return {}
-    return {dtype: n * SAFETENSORS_BYTES.get(dtype, 1) for dtype, n in counts.items()}
+    return {d: n * getattr(mx, SAFETENSORS_FLOATS[d]).size for d, n in counts.items() if d in SAFETENSORS_FLOATS}
 
 
 def disk_dtype(model: str, folder: Path | None) -> str | None:
@@ -518,7 +518,7 @@ def memory_plan(model: str, config: DRLoRAConfig, batch_size: int, seq_len: int,
     layout = config.resolved_lora_layout
     available = available_bytes()
     budget = int(FIT_SHARE * available)
-    chunk = chunk_tokens(shape.vocab, loss_chunk_size) if loss_chunk_size != 0 else 0
+    chunk = chunk_tokens(shape.vocab, loss_chunk_size)
 
     def peak(layout: str, ranks: Ranks | None = None, chunk: int = chunk) -> PeakEstimate:
         return peak_estimate(shape, config, layout, batch_size, seq_len, grad_checkpoint, ranks, chunk_tokens=chunk)
@@ -540,7 +540,7 @@ def memory_plan(model: str, config: DRLoRAConfig, batch_size: int, seq_len: int,
         "max_seq_length": seq_len,
         "grad_checkpoint": grad_checkpoint,
         "lora_layout": layout,
-        "loss_chunk_tokens": chunk if chunk and batch_size * seq_len > CHUNKS_THAT_PAY * chunk else 0,
+        "loss_chunk_tokens": chunk if in_chunks(batch_size * seq_len, chunk) else 0,
         "peak_bytes": int(used),
         "base_weight_bytes": shape.base_weight_bytes,
         "lora_state_bytes": used.parts["expert LoRA state"],
