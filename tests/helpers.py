@@ -122,11 +122,15 @@ def adapter_weights(adapter_path):
     }
 
 
+def assert_same_arrays(want: dict, got: dict):
+    """Two {name: array} dicts with the same names and bit-identical arrays."""
+    assert want.keys() == got.keys()
+    for k in want:
+        assert np.array_equal(want[k], got[k]), k
+
+
 def assert_same_adapter(a, b):
-    wa, wb = adapter_weights(a), adapter_weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert np.array_equal(wa[k], wb[k]), k
+    assert_same_arrays(adapter_weights(a), adapter_weights(b))
 
 
 def train_records(adapter_path):

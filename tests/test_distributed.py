@@ -16,7 +16,7 @@ from drlora_mlx.formats.adapters import load as drlora_load
 from drlora_mlx.formats.adapters import read_ranks
 from drlora_mlx.training import checkpoint
 
-from .helpers import SHAPE
+from .helpers import SHAPE, assert_same_arrays
 
 LAUNCH = [os.path.join(os.path.dirname(sys.executable), "mlx.launch"), "--backend", "ring", "-n", "2",
           "--python", sys.executable]
@@ -153,9 +153,18 @@ def test_a_killed_process_stops_the_others_in_one_line_and_the_run_resumes(one_a
     assert resumed.returncode == 0 and "exited with code" not in resumed.stderr, resumed.stderr[-2000:]
     assert "at iteration 20 of 36" in resumed.stdout
     want, got = _adapter(root / "two"), _adapter(out)  # the uninterrupted two-process run, bit for bit
-    assert want.keys() == got.keys()
-    for k in want:
-        assert np.array_equal(want[k], got[k]), k
+    assert_same_arrays(want, got)
+
+
+def _one_and_two_processes_alike(train, model, tmp_path, iterations):
+    """``train`` in one process (into tmp_path/one) and in two (tmp_path/two): both finish and log the
+    same loss at every iteration."""
+    single = _run([sys.executable, *train, "--model", model, "--adapter-path", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = _run([*LAUNCH, *train, "--model", model, "--adapter-path", str(tmp_path / "two")])
+    assert double.returncode == 0, (double.stdout[-2000:], double.stderr[-2000:])
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == iterations and np.allclose(one, two, rtol=1e-4, atol=1e-5)
 
 
 def test_without_accumulation_two_processes_follow_one(tiny_models, tmp_path):
@@ -165,14 +174,9 @@ def test_without_accumulation_two_processes_follow_one(tiny_models, tmp_path):
     train = list(TRAIN)
     train[train.index("--grad-accumulation-steps") + 1] = "1"
     train[train.index("--iters") + 1] = "16"
-    single = _run([sys.executable, *train, "--model", model, "--adapter-path", str(tmp_path / "one")])
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = _run([*LAUNCH, *train, "--model", model, "--adapter-path", str(tmp_path / "two")])
-    assert double.returncode == 0, (double.stdout[-2000:], double.stderr[-2000:])
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(one) == len(two) == 16 and np.allclose(one, two, rtol=1e-4, atol=1e-5)
+    _one_and_two_processes_alike(train, model, tmp_path, iterations=16)
     masks = [{k: v for k, v in _state(tmp_path / run).items() if k.endswith("rank_mask")} for run in ("one", "two")]
-    assert masks[0].keys() == masks[1].keys() and all(np.array_equal(masks[0][k], masks[1][k]) for k in masks[0])
+    assert_same_arrays(masks[0], masks[1])
     assert np.concatenate([m.sum(-1) for m in masks[0].values()]).max() > 4  # growth happened
     _assert_same_function(tmp_path / "one", tmp_path / "two")
 
@@ -182,12 +186,7 @@ def test_a_routed_run_chooses_the_same_experts_in_two_processes(tiny_models, tmp
     model = str(tiny_models("qwen3_moe", shape=SHAPE))
     train = [*TRAIN, "--method", "routed", "--r-max", "16", "--warmup-ratio", "0.25"]
     train[train.index("--iters") + 1] = "16"
-    single = _run([sys.executable, *train, "--model", model, "--adapter-path", str(tmp_path / "one")])
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = _run([*LAUNCH, *train, "--model", model, "--adapter-path", str(tmp_path / "two")])
-    assert double.returncode == 0, (double.stdout[-2000:], double.stderr[-2000:])
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(one) == len(two) == 16 and np.allclose(one, two, rtol=1e-4, atol=1e-5)
+    _one_and_two_processes_alike(train, model, tmp_path, iterations=16)
     ranks = [read_ranks(tmp_path / run) for run in ("one", "two")]
     assert ranks[0]["layers"] == ranks[1]["layers"] and ranks[0]["chosen"] == ranks[1]["chosen"]
     assert all(len(chosen) == 2 for chosen in ranks[0]["chosen"])  # a quarter of 8 experts

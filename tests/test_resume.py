@@ -21,6 +21,7 @@ from .helpers import (
     SHAPE,
     adapter_weights,
     assert_same_adapter,
+    assert_same_arrays,
     run_cli,
     train_command,
     train_records,
@@ -67,9 +68,7 @@ def test_resume_is_bitwise_exact(tiny_models, tmp_path):
     assert rest.iteration_losses == full.iteration_losses[21:]  # the loss of every later batch, bitwise
     assert len(rest.iteration_losses) == 27
     want, got = _final_state(straight), _final_state(second)
-    assert want.keys() == got.keys()
-    for k in want:
-        assert np.array_equal(want[k], got[k]), k
+    assert_same_arrays(want, got)
 
 
 def test_sigint_writes_a_checkpoint_and_resume_finishes_identically(reference_run, tmp_path):

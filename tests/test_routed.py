@@ -29,6 +29,7 @@ from .helpers import (
     SHAPE,
     TOKENS,
     TOL,
+    assert_same_arrays,
     attached,
     ours,
     padded_batch,
@@ -275,9 +276,7 @@ def test_a_routed_run_resumes_bitwise(tiny_models, tmp_path, cut):
     assert rest.iteration_losses == full.iteration_losses[cut:]
     assert [e.step for e in rest.events] == ([6] if cut < 12 else [])
     want, got = _state(straight), _state(second)
-    assert want.keys() == got.keys()
-    for k in want:
-        assert np.array_equal(want[k], got[k]), k
+    assert_same_arrays(want, got)
 
 
 def test_ranks_json_names_the_method(routed_run, capsys):
